@@ -374,3 +374,16 @@ def require_params(params: Any) -> None:
     """Raise Optax's ``ValueError`` when a transform that needs ``params`` gets none."""
     if params is None:
         raise ValueError(NO_PARAMS_MSG)
+
+
+def mean_across_devices(value: jax.Array, axis_name: AxisName) -> jax.Array:
+    """``value`` averaged over the devices of ``axis_name`` along which it differs.
+
+    A value replicated along an axis (under ``shard_map``) is returned unchanged for that axis;
+    under ``pmap`` every axis is averaged over. Used for a per-device loss (extra arg ``value``)
+    that every device must see the same.
+    """
+    if axis_name is None:
+        return value
+    axes = _sharded_axes(value, _axis_names(axis_name))
+    return jax.lax.pmean(value, axes) if axes else value
