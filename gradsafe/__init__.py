@@ -13,6 +13,7 @@ from gradsafe._clipping import (
     clip_by_value,
     unit_axes,
 )
+from gradsafe._decay import CooldownOnSpikeState, DecayState, cooldown_on_spike, decay
 from gradsafe._metrics import largest_leaves, leaf_norms, metrics
 from gradsafe._numerics import global_norm
 from gradsafe._paths import PathMask, path_mask
@@ -32,10 +33,20 @@ from gradsafe._regularization import (
     prox_group_lasso,
     prox_l1,
 )
+from gradsafe._splitting import (
+    AccumulateState,
+    SplitClipState,
+    SplitMagnitudeState,
+    accumulate,
+    split_by_path,
+    split_clip,
+    split_magnitude,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccumulateState",
     "AdaptiveGradClipState",
     "AddElasticNetState",
     "AddL1State",
@@ -45,10 +56,15 @@ __all__ = [
     "ClipByLeafNormState",
     "ClipByValueState",
     "ClipUpdateRelativeState",
+    "CooldownOnSpikeState",
+    "DecayState",
     "PathMask",
     "ProxElasticNetState",
     "ProxGroupLassoState",
     "ProxL1State",
+    "SplitClipState",
+    "SplitMagnitudeState",
+    "accumulate",
     "adaptive_grad_clip",
     "add_elastic_net",
     "add_l1",
@@ -58,6 +74,8 @@ __all__ = [
     "clip_by_leaf_norm",
     "clip_by_value",
     "clip_update_relative",
+    "cooldown_on_spike",
+    "decay",
     "global_norm",
     "largest_leaves",
     "leaf_norms",
@@ -66,5 +84,8 @@ __all__ = [
     "prox_elastic_net",
     "prox_group_lasso",
     "prox_l1",
+    "split_by_path",
+    "split_clip",
+    "split_magnitude",
     "unit_axes",
 ]

@@ -1,0 +1,656 @@
+"""Splitting: cut a gradient into parts and treat each part differently.
+
+* :func:`split_clip` splits each gradient into a clipped part, applied now, and the part that
+  clipping removed, carried to the next step (U-Clip).
+* :func:`split_magnitude` splits each tensor's gradient into its direction, kept, and its
+  magnitude, replaced by a smoothed estimate (Stable-SPAM's AdaGN).
+* :func:`split_by_path` splits the parameters into groups by their paths and gives each group
+  its own transform.
+* :func:`accumulate` splits a batch into micro-batches: it averages their gradients and runs
+  the wrapped transform once per ``every_k`` micro-batches.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gradsafe._metrics import register_stats
+from gradsafe._numerics import (
+    ScalarOrSchedule,
+    check_scalar,
+    clip_scale,
+    global_norm,
+    is_float_leaf,
+    is_traced,
+    leaf_norm,
+    map_float_leaves,
+    resolve,
+    safe_increment,
+    safe_sqrt,
+    scale_leaf,
+    scale_tree,
+    tree_all_finite,
+    zero_count,
+)
+from gradsafe._paths import path_str
+
+
+def _buffer_dtype(dtype: Any) -> jnp.dtype:
+    """The dtype of a per-parameter buffer: at least float32, complex stays complex."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _zeros_buffer(params: Any) -> Any:
+    """A zero buffer per float leaf of ``params`` (float32 or wider); ``MaskedNode`` elsewhere.
+
+    ``MaskedNode`` is an empty subtree, so non-float leaves cost no memory and ``jax.tree.map``
+    over ``(updates, buffer)`` hands the whole ``MaskedNode`` to the function at those leaves.
+    """
+    return jax.tree.map(
+        lambda p: (
+            jnp.zeros(jnp.shape(p), _buffer_dtype(p.dtype))
+            if is_float_leaf(p)
+            else optax.MaskedNode()
+        ),
+        params,
+    )
+
+
+class _Leaves:
+    """Several results at one leaf position (an unregistered type: a leaf for ``jax.tree``)."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, values: tuple[Any, ...]):
+        self.values = values
+
+
+def _unzip(tree: Any, count: int) -> tuple[Any, ...]:
+    """Split a tree of :class:`_Leaves` into ``count`` trees of the same structure."""
+    return tuple(jax.tree.map(lambda leaves, i=i: leaves.values[i], tree) for i in range(count))
+
+
+def _check_transform(name: str, value: Any) -> None:
+    if not isinstance(value, optax.GradientTransformation):
+        raise ValueError(f"{name} must be an optax.GradientTransformation, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# split_clip (U-Clip)
+# --------------------------------------------------------------------------------------------
+
+
+@register_stats("split_clip", "norm", "residual_norm", "count")
+class SplitClipState(NamedTuple):
+    """State of :func:`split_clip`.
+
+    Attributes:
+      count: steps seen (int32, saturating).
+      norm: the global norm of the incoming gradient, before the residual is added.
+      residual_norm: the global norm of the residual carried to the next step.
+      residual: the carried part, one buffer per float leaf (float32, or the leaf's dtype when
+        wider: float64, complex64, complex128); ``MaskedNode`` for other leaves.
+      clip_state: the state of the clipper.
+    """
+
+    count: jax.Array
+    norm: jax.Array
+    residual_norm: jax.Array
+    residual: Any
+    clip_state: Any
+
+
+def split_clip(
+    clipper: optax.GradientTransformation | None = None,
+    *,
+    residual_decay: ScalarOrSchedule = 1.0,
+    max_residual_norm: ScalarOrSchedule | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Clip, and carry what clipping removed to the next step (U-Clip).
+
+    With :math:`r_0 = 0`, decay :math:`\\gamma` = ``residual_decay`` and :math:`C` the clipper:
+
+    .. math::
+        v_t = g_t + \\gamma\\, r_{t-1},\\qquad u_t = C(v_t),\\qquad r_t = v_t - u_t
+
+    and :math:`u_t` is the update. With :math:`\\gamma = 1` and no cap nothing is lost:
+    :math:`\\sum_{i \\le t} u_i + r_t = \\sum_{i \\le t} g_i`, so clipping delays large
+    gradients instead of discarding them and its bias stays bounded. ``residual_decay < 1``
+    forgets old residual geometrically; ``max_residual_norm`` scales :math:`r_t` down to that
+    global norm when it is larger. Both break the sum above on purpose (they drop mass), and are
+    design choices not studied in the paper.
+
+    Any gradsafe (or Optax) clipper can be ``clipper``: it sees :math:`v_t` (in float32),
+    ``params`` and the extra args, and its state lives in ``clip_state``. The residual is
+    computed from the update *after* it is cast back to the gradient's dtype, so float16 and
+    bfloat16 rounding is carried as well and the sum above holds to float32 rounding.
+
+    When the incoming gradient has a NaN or Inf, the clipper's output passes through (the
+    default clippers let it through unchanged so a guard can refuse the step) and the residual
+    is kept as it was, never poisoned. Integer, bool, ``None`` and ``MaskedNode`` leaves pass
+    through and have no residual.
+
+    Memory: one float32 per parameter (float64/complex for such leaves), plus the clipper's.
+
+    Args:
+      clipper: the transform that bounds :math:`v_t`; default
+        ``gradsafe.clip_by_global_norm(1.0)``.
+      residual_decay: :math:`\\gamma \\in [0, 1]`, the weight of the old residual; a number or
+        a schedule ``step -> value``. 0 is plain clipping.
+      max_residual_norm: the largest global norm of the residual, ``>= 0``, or None for no
+        cap; a number or a schedule.
+
+    Returns:
+      A :class:`optax.GradientTransformationExtraArgs` with :class:`SplitClipState`.
+
+    Example:
+      >>> import jax.numpy as jnp, gradsafe as gs
+      >>> tx = gs.split_clip(gs.clip_by_value(1.0))
+      >>> state = tx.init(jnp.zeros(2))
+      >>> u, state = tx.update(jnp.array([3.0, 0.5]), state)
+      >>> u, state.residual
+      (Array([1. , 0.5], dtype=float32), Array([2., 0.], dtype=float32))
+      >>> u, state = tx.update(jnp.array([0.0, 0.0]), state)
+      >>> u, state.residual
+      (Array([1., 0.], dtype=float32), Array([1., 0.], dtype=float32))
+
+    References:
+      Elesedy and Hutter, `U-Clip: On-Average Unbiased Stochastic Gradient Clipping
+      <https://arxiv.org/abs/2302.02971>`_, 2023.
+    """
+    if clipper is None:
+        from gradsafe._clipping import clip_by_global_norm
+
+        clipper = clip_by_global_norm(1.0)
+    _check_transform("clipper", clipper)
+    check_scalar("residual_decay", residual_decay, lower=0.0, upper=1.0)
+    if max_residual_norm is not None:
+        check_scalar("max_residual_norm", max_residual_norm)
+    inner = optax.with_extra_args_support(clipper)
+
+    def init_fn(params: Any) -> SplitClipState:
+        return SplitClipState(
+            count=zero_count(),
+            norm=jnp.zeros([], jnp.float32),
+            residual_norm=jnp.zeros([], jnp.float32),
+            residual=_zeros_buffer(params),
+            clip_state=inner.init(params),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        decay = resolve(residual_decay, state.count)
+        finite = tree_all_finite(updates)
+        norm = global_norm(updates).astype(jnp.float32)
+
+        def combine(g: Any, r: Any) -> Any:
+            return g.astype(r.dtype) + scale_leaf(r, decay) if is_float_leaf(g) else g
+
+        combined = jax.tree.map(combine, updates, state.residual)
+        clipped, clip_state = inner.update(combined, state.clip_state, params, **extra_args)
+        # Non-float leaves keep the incoming value whatever the clipper made of them.
+        applied = map_float_leaves(lambda g, u: u.astype(g.dtype), updates, clipped)
+
+        def carry(g: Any, old: Any, v: Any, u: Any) -> Any:
+            if not is_float_leaf(g):
+                return old  # MaskedNode: no residual for this leaf
+            return jnp.where(finite, v - u.astype(v.dtype), old)
+
+        residual = jax.tree.map(carry, updates, state.residual, combined, applied)
+        residual_norm = global_norm(residual).astype(jnp.float32)
+        if max_residual_norm is not None:
+            cap = resolve(max_residual_norm, state.count)
+            scale = clip_scale(residual_norm, cap)
+            residual = scale_tree(residual, scale)
+            residual_norm = residual_norm * scale
+        new_state = SplitClipState(
+            count=safe_increment(state.count),
+            norm=norm,
+            residual_norm=residual_norm,
+            residual=residual,
+            clip_state=clip_state,
+        )
+        return applied, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------------------------
+# split_magnitude (Stable-SPAM AdaGN)
+# --------------------------------------------------------------------------------------------
+
+
+@register_stats("split_magnitude", "norm", "scale", "count")
+class SplitMagnitudeState(NamedTuple):
+    """State of :func:`split_magnitude`.
+
+    Attributes:
+      count: steps seen (int32, saturating).
+      norm: the global norm of the incoming gradient.
+      scale: the global norm after divided by the global norm before (1 for a zero or
+        non-finite gradient).
+      mu: per tensor, the EMA :math:`a` of its norm (float32 scalar; ``MaskedNode`` for
+        non-float leaves).
+      nu: per tensor, the EMA :math:`b` of its squared norm.
+      ema_count: per tensor, how many times its EMAs were updated (int32): the exponent of
+        its bias correction.
+    """
+
+    count: jax.Array
+    norm: jax.Array
+    scale: jax.Array
+    mu: Any
+    nu: Any
+    ema_count: Any
+
+
+def split_magnitude(
+    gamma1: float = 0.7,
+    gamma2: float = 0.9,
+    *,
+    eps: float = 1e-8,
+    shared_count: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """Keep each tensor's gradient direction; replace its norm by a smoothed estimate (AdaGN).
+
+    For every float leaf :math:`g` with norm :math:`n = \\|g\\|_2 > 0` (finite), its EMAs
+    and their own counter :math:`k` are advanced:
+
+    .. math::
+        a \\leftarrow \\gamma_1 a + (1-\\gamma_1)\\, n,\\qquad
+        b \\leftarrow \\gamma_2 b + (1-\\gamma_2)\\, n^2,\\qquad k \\leftarrow k + 1
+
+    .. math::
+        \\hat a = \\frac{a}{1-\\gamma_1^{k}},\\qquad \\hat b = \\frac{b}{1-\\gamma_2^{k}},\\qquad
+        g \\leftarrow \\frac{g}{n} \\cdot \\frac{\\hat a}{\\sqrt{\\hat b} + \\epsilon}
+
+    A spike in one tensor's norm is thereby replaced by the running typical norm
+    (:math:`\\hat a / \\sqrt{\\hat b} \\le 1`, so the output norm is at most about 1 per tensor).
+    A zero gradient stays zero and leaves its EMAs alone; a tensor with a NaN or Inf norm passes
+    through unchanged (so a guard can see it) and leaves its EMAs alone. The EMAs are float32
+    whatever the gradient's dtype; every leaf keeps its dtype. Integer, bool, ``None`` and
+    ``MaskedNode`` leaves pass through.
+
+    Place it before the optimizer: ``optax.chain(gs.split_magnitude(), optax.adam(lr))`` is the
+    AdaGN part of Stable-SPAM (which also uses AdaClip and momentum resets).
+
+    Differences from the reference:
+      The reference optimizer uses one step counter for these bias corrections, Adam's and
+      AdaClip's, and resets it to 1 at every momentum reset, so :math:`\\hat a, \\hat b` are
+      re-inflated after each reset; it also advances it on steps where a tensor's norm is zero
+      and its EMAs were not updated, so that tensor's bias correction then under-corrects.
+      Here each tensor has its own counter that counts exactly the updates of its EMAs, which
+      makes :math:`\\hat a, \\hat b` unbiased averages. ``shared_count=True`` uses the number of
+      ``update`` calls instead (the reference's counter without momentum resets), for users
+      who want its numbers. The reference's optional cosine factor on :math:`\\gamma_1`
+      (``total_T``, off by default) is not included.
+
+    Args:
+      gamma1: :math:`\\gamma_1 \\in [0, 1)`, the EMA rate of the norm.
+      gamma2: :math:`\\gamma_2 \\in [0, 1)`, the EMA rate of the squared norm.
+      eps: :math:`\\epsilon \\ge 0`, added to :math:`\\sqrt{\\hat b}`.
+      shared_count: bias-correct with the global step count instead of per-tensor counters.
+
+    Returns:
+      A :class:`optax.GradientTransformationExtraArgs` with :class:`SplitMagnitudeState`.
+      Memory: three scalars per tensor.
+
+    Example:
+      >>> import jax.numpy as jnp, gradsafe as gs
+      >>> tx = gs.split_magnitude()
+      >>> state = tx.init(jnp.zeros(2))
+      >>> u, state = tx.update(jnp.array([3.0, 4.0]), state)   # first step: norm -> ~1
+      >>> u
+      Array([0.6, 0.8], dtype=float32)
+      >>> u, state = tx.update(jnp.array([300.0, 400.0]), state)   # spike: damped
+      >>> round(float(jnp.linalg.norm(u)), 4)
+      0.8165
+
+    References:
+      Huang et al., `Stable-SPAM: How to Train in 4-Bit More Stably than 16-Bit Adam
+      <https://arxiv.org/abs/2502.17055>`_, 2025.
+    """
+    check_scalar("gamma1", gamma1, upper=1.0, upper_inclusive=False, allow_schedule=False)
+    check_scalar("gamma2", gamma2, upper=1.0, upper_inclusive=False, allow_schedule=False)
+    check_scalar("eps", eps, allow_schedule=False)
+    if not isinstance(shared_count, bool):
+        raise ValueError(f"shared_count must be a bool, got {shared_count!r}")
+
+    def scalar_per_leaf(params: Any, dtype: Any) -> Any:
+        return jax.tree.map(
+            lambda p: jnp.zeros([], dtype) if is_float_leaf(p) else optax.MaskedNode(), params
+        )
+
+    def init_fn(params: Any) -> SplitMagnitudeState:
+        return SplitMagnitudeState(
+            count=zero_count(),
+            norm=jnp.zeros([], jnp.float32),
+            scale=jnp.ones([], jnp.float32),
+            mu=scalar_per_leaf(params, jnp.float32),
+            nu=scalar_per_leaf(params, jnp.float32),
+            ema_count=scalar_per_leaf(params, jnp.int32),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        g1 = jnp.asarray(gamma1, jnp.float32)
+        g2 = jnp.asarray(gamma2, jnp.float32)
+        epsilon = jnp.asarray(eps, jnp.float32)
+        global_count = safe_increment(state.count)
+
+        def adagn(g: Any, a: Any, b: Any, k: Any) -> Any:
+            if not is_float_leaf(g):
+                return _Leaves((g, a, b, k))
+            n = leaf_norm(g).astype(jnp.float32)
+            ok = jnp.logical_and(n > 0, jnp.isfinite(n))
+            new_k = jnp.where(ok, safe_increment(k), k)
+            new_a = jnp.where(ok, g1 * a + (1 - g1) * n, a)
+            new_b = jnp.where(ok, g2 * b + (1 - g2) * jnp.square(n), b)
+            exponent = (global_count if shared_count else new_k).astype(jnp.float32)
+            # Guarded denominators: 1 - gamma^0 = 0 before a tensor's first update.
+            a_hat = new_a / jnp.where(ok, 1 - jnp.power(g1, exponent), 1)
+            b_hat = new_b / jnp.where(ok, 1 - jnp.power(g2, exponent), 1)
+            target = a_hat / (safe_sqrt(b_hat) + epsilon)
+            scale = jnp.where(ok, target / jnp.where(ok, n, 1), 1)
+            return _Leaves((scale_leaf(g, scale), new_a, new_b, new_k))
+
+        new_updates, mu, nu, ema_count = _unzip(
+            jax.tree.map(adagn, updates, state.mu, state.nu, state.ema_count), 4
+        )
+        norm = global_norm(updates).astype(jnp.float32)
+        out_norm = global_norm(new_updates).astype(jnp.float32)
+        ok = jnp.logical_and(norm > 0, jnp.isfinite(norm))
+        ratio = jnp.where(ok, out_norm / jnp.where(ok, norm, 1), 1)
+        new_state = SplitMagnitudeState(
+            count=global_count, norm=norm, scale=ratio, mu=mu, nu=nu, ema_count=ema_count
+        )
+        return new_updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------------------------
+# split_by_path
+# --------------------------------------------------------------------------------------------
+
+DEFAULT_LABEL = "default"
+
+
+def _rule_pairs(rules: Any) -> list[tuple[re.Pattern, optax.GradientTransformation]]:
+    """``rules`` as a list of (compiled regex, transform), validated, in order."""
+    if isinstance(rules, Mapping):
+        items = list(rules.items())
+    elif isinstance(rules, Sequence) and not isinstance(rules, (str, bytes)):
+        items = list(rules)
+        if not all(isinstance(item, (tuple, list)) and len(item) == 2 for item in items):
+            raise ValueError(
+                "rules must be a mapping {regex: transform} or a sequence of (regex, transform)"
+                f" pairs, got {rules!r}"
+            )
+    else:
+        raise ValueError(f"rules must be a mapping {{regex: transform}}, got {rules!r}")
+    pairs = []
+    for pattern, transform in items:
+        if not isinstance(pattern, str):
+            raise ValueError(f"rules keys must be regular expressions (str), got {pattern!r}")
+        try:
+            compiled = re.compile(pattern)
+        except re.error as error:
+            raise ValueError(
+                f"rules has an invalid regular expression {pattern!r}: {error}"
+            ) from None
+        _check_transform(f"rules[{pattern!r}]", transform)
+        pairs.append((compiled, transform))
+    return pairs
+
+
+def split_by_path(
+    rules: Mapping[str, optax.GradientTransformation]
+    | Sequence[tuple[str, optax.GradientTransformation]],
+    *,
+    default: optax.GradientTransformation | str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Give each group of parameters, chosen by regular expressions on their paths, a transform.
+
+    A leaf's path joins its keys with ``"/"`` (``{"encoder": {"layer_0": {"kernel": w}}}`` gives
+    ``"encoder/layer_0/kernel"``; list and tuple positions are numbers, dataclass fields their
+    names). Each leaf goes to the transform of the **first** rule whose regex matches somewhere
+    in its path (:func:`re.search`; anchor with ``^``/``$`` for whole paths). Unmatched leaves go
+    to ``default``: unchanged when it is None, that transform when it is one, and when it is
+    ``"error"`` ``init``/``update`` raise a ``ValueError`` listing every unmatched path.
+
+    It is :func:`optax.partition` with a label function, so each transform sees only its group:
+    ``split_by_path({"bias|scale": gs.clip_by_global_norm(10.0)},
+    default=gs.clip_by_global_norm(1.0))`` clips biases and norm scales by their own global
+    norm and the rest by theirs. Extra args reach every transform, and
+    :func:`gradsafe.metrics` finds their states (a transform used in two groups appears as
+    ``name`` and ``name_1``).
+
+    Args:
+      rules: ``{regex: transform}`` (tried in insertion order) or a sequence of
+        ``(regex, transform)`` pairs.
+      default: the transform for unmatched leaves, None (identity) or ``"error"``.
+
+    Returns:
+      A :class:`optax.GradientTransformationExtraArgs` whose state is an
+      :class:`optax.PartitionState` keyed ``"rule_0"``, ``"rule_1"``, ... and ``"default"``.
+
+    Example:
+      >>> import jax.numpy as jnp, gradsafe as gs
+      >>> tx = gs.split_by_path({"bias$": gs.clip_by_value(0.1)})
+      >>> grads = {"dense": {"bias": jnp.array([1.0]), "kernel": jnp.array([1.0])}}
+      >>> tx.update(grads, tx.init(grads))[0]
+      {'dense': {'bias': Array([0.1], dtype=float32), 'kernel': Array([1.], dtype=float32)}}
+
+    References:
+      Optax, :func:`optax.partition` (``multi_transform``).
+    """
+    pairs = _rule_pairs(rules)
+    transforms: dict[str, optax.GradientTransformation] = {
+        f"rule_{index}": transform for index, (_, transform) in enumerate(pairs)
+    }
+    if isinstance(default, str):
+        if default != "error":
+            raise ValueError(f"default must be None, a transform or 'error', got {default!r}")
+    elif default is None:
+        transforms[DEFAULT_LABEL] = optax.identity()
+    else:
+        _check_transform("default", default)
+        transforms[DEFAULT_LABEL] = default
+
+    def labels(tree: Any) -> Any:
+        unmatched: list[str] = []
+
+        def label(key_path: Any, _: Any) -> str:
+            path = path_str(key_path)
+            for index, (pattern, _transform) in enumerate(pairs):
+                if pattern.search(path):
+                    return f"rule_{index}"
+            unmatched.append(path)
+            return DEFAULT_LABEL
+
+        result = jax.tree_util.tree_map_with_path(label, tree)
+        if default == "error" and unmatched:
+            raise ValueError(
+                "split_by_path: no rule matches these parameter paths (default='error'): "
+                + ", ".join(repr(p) for p in unmatched)
+            )
+        return result
+
+    return optax.partition(transforms, labels)
+
+
+# --------------------------------------------------------------------------------------------
+# accumulate
+# --------------------------------------------------------------------------------------------
+
+
+@register_stats("accumulate", "mini_step", "gradient_step")
+class AccumulateState(NamedTuple):
+    """State of :func:`accumulate`.
+
+    Attributes:
+      mini_step: micro-batches accumulated since the last inner step (int32).
+      gradient_step: inner steps taken (int32, saturating).
+      inner_state: the state of the wrapped transform (advanced only on inner steps).
+      acc: the running mean of the micro-batch gradients (float32 per parameter, or the leaf's
+        dtype when wider); ``MaskedNode`` for non-float leaves.
+      clip_state: the state of ``clip_each`` (``optax.EmptyState()`` when None).
+    """
+
+    mini_step: jax.Array
+    gradient_step: jax.Array
+    inner_state: Any
+    acc: Any
+    clip_state: Any
+
+
+def _check_every_k(every_k: Any) -> None:
+    if callable(every_k) or is_traced(every_k):
+        return
+    message = f"every_k must be an integer >= 1 or a schedule, got {every_k!r}"
+    if isinstance(every_k, bool):
+        raise ValueError(message)
+    value = np.asarray(every_k)
+    if value.shape != () or not np.issubdtype(value.dtype, np.integer) or int(value) < 1:
+        raise ValueError(message)
+
+
+def accumulate(
+    inner: optax.GradientTransformation,
+    every_k: int | Callable[[jax.Array], Any],
+    *,
+    clip_each: optax.GradientTransformation | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Average ``every_k`` micro-batch gradients, then run ``inner`` once on the mean.
+
+    Call ``update`` once per micro-batch. Each gradient :math:`g_j` (first passed through
+    ``clip_each`` when given: per-micro-batch clipping) enters a running mean
+    :math:`\\bar g \\leftarrow \\bar g + (g_j - \\bar g)/j`, accumulated in float32. On the
+    ``every_k``-th call ``inner`` runs on :math:`\\bar g` (cast to the gradient's dtype), with
+    ``params`` and the extra args of that call, and its updates are returned; on the other
+    calls the updates are zeros and ``inner``'s state does not move. So
+    ``accumulate(optax.chain(gs.clip_by_global_norm(1.0), optax.adam(lr)), 4)`` clips the
+    mean of four micro-batches, while ``clip_each=gs.clip_by_global_norm(1.0)`` clips each of
+    them before averaging (the two are not equivalent).
+
+    The same numbers as ``optax.MultiSteps(inner, every_k)`` (its running mean and counters).
+    Differences from the reference (``optax.MultiSteps``):
+
+    * ``inner`` runs under :func:`jax.lax.cond` only on the ``every_k``-th call, where
+      ``MultiSteps`` runs it on every micro-step and discards the result: the inner
+      optimizer's cost is paid once per step, not ``every_k`` times.
+    * It is a :class:`optax.GradientTransformationExtraArgs`, so inside ``optax.chain`` the
+      extra args (e.g. ``value`` for ``optax.polyak_sgd``) reach ``inner``, where
+      ``MultiSteps.gradient_transformation()`` is a plain transform and drops them.
+    * The mean is reset with a select, so a NaN micro-batch does not poison later steps
+      (``MultiSteps`` multiplies by 0, and ``0 * NaN`` is NaN); the step whose mean has the
+      NaN still passes it to ``inner``, so put a guard inside to refuse it.
+    * Integer, bool and ``None`` leaves pass through, from the latest micro-batch.
+
+    Memory: one float32 per parameter for the mean, plus ``inner``'s and ``clip_each``'s.
+
+    Args:
+      inner: the transform (usually the optimizer) to run on the mean.
+      every_k: micro-batches per step, an int ``>= 1``, or a function ``gradient_step -> k``
+        (as ``MultiSteps``' ``every_k_schedule``; the batch size may change over training).
+      clip_each: a transform applied to each micro-batch gradient before it is accumulated.
+
+    Returns:
+      A :class:`optax.GradientTransformationExtraArgs` with :class:`AccumulateState`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, gradsafe as gs
+      >>> tx = gs.accumulate(optax.sgd(1.0), every_k=2)
+      >>> state = tx.init(jnp.zeros(2))
+      >>> u, state = tx.update(jnp.array([1.0, 2.0]), state)
+      >>> u
+      Array([0., 0.], dtype=float32)
+      >>> u, state = tx.update(jnp.array([3.0, 4.0]), state)
+      >>> u
+      Array([-2., -3.], dtype=float32)
+
+    References:
+      Optax, :class:`optax.MultiSteps`; Hermans et al., `Accumulated Gradient Normalization
+      <https://arxiv.org/abs/1710.02368>`_, ACML 2017.
+    """
+    _check_transform("inner", inner)
+    if clip_each is not None:
+        _check_transform("clip_each", clip_each)
+    _check_every_k(every_k)
+    inner_tx = optax.with_extra_args_support(inner)
+    clip_tx = None if clip_each is None else optax.with_extra_args_support(clip_each)
+
+    def init_fn(params: Any) -> AccumulateState:
+        return AccumulateState(
+            mini_step=zero_count(),
+            gradient_step=zero_count(),
+            inner_state=inner_tx.init(params),
+            acc=_zeros_buffer(params),
+            clip_state=optax.EmptyState() if clip_tx is None else clip_tx.init(params),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        k = every_k(state.gradient_step) if callable(every_k) else every_k
+        k = jnp.asarray(k, jnp.int32)
+        clip_state = state.clip_state
+        if clip_tx is not None:
+            updates, clip_state = clip_tx.update(updates, clip_state, params, **extra_args)
+        count = (state.mini_step + 1).astype(jnp.float32)
+
+        def add(g: Any, mean: Any) -> Any:
+            if not is_float_leaf(g):
+                return mean
+            return mean + (g.astype(mean.dtype) - mean) / count.astype(mean.dtype)
+
+        acc = jax.tree.map(add, updates, state.acc)
+        mean = jax.tree.map(lambda g, m: m.astype(g.dtype) if is_float_leaf(g) else g, updates, acc)
+        emit = state.mini_step == k - 1
+
+        def inner_update(grads: Any, inner_state: Any) -> Any:
+            return inner_tx.update(grads, inner_state, params, **extra_args)
+
+        def step(grads: Any, inner_state: Any) -> Any:
+            new_updates, new_state = inner_update(grads, inner_state)
+            # Keep the state's dtypes (and weak types) fixed so both branches agree.
+            new_state = jax.tree.map(
+                lambda new, old: jax.lax.convert_element_type(new, jnp.result_type(old)),
+                new_state,
+                inner_state,
+            )
+            return new_updates, new_state
+
+        def wait(grads: Any, inner_state: Any) -> Any:
+            shapes = jax.eval_shape(inner_update, grads, inner_state)[0]
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            return zeros, inner_state
+
+        new_updates, inner_state = jax.lax.cond(emit, step, wait, mean, state.inner_state)
+        acc = jax.tree.map(lambda a: jnp.where(emit, jnp.zeros_like(a), a), acc)
+        new_state = AccumulateState(
+            mini_step=safe_increment(state.mini_step) % k,
+            gradient_step=jnp.where(emit, safe_increment(state.gradient_step), state.gradient_step),
+            inner_state=inner_state,
+            acc=acc,
+            clip_state=clip_state,
+        )
+        return new_updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+__all__ = [
+    "AccumulateState",
+    "SplitClipState",
+    "SplitMagnitudeState",
+    "accumulate",
+    "split_by_path",
+    "split_clip",
+    "split_magnitude",
+]
