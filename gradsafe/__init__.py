@@ -1,5 +1,15 @@
 """gradsafe: Optax gradient transformations that keep training alive when gradients explode."""
 
+from gradsafe._adaptive import (
+    AdaGCState,
+    AutoClipState,
+    SpikeClipState,
+    ZClipState,
+    adagc,
+    autoclip,
+    spike_clip,
+    zclip,
+)
 from gradsafe._clipping import (
     AdaptiveGradClipState,
     ClipByBlockRmsState,
@@ -14,9 +24,20 @@ from gradsafe._clipping import (
     unit_axes,
 )
 from gradsafe._decay import CooldownOnSpikeState, DecayState, cooldown_on_spike, decay
+from gradsafe._guards import (
+    SKIP_REASONS,
+    DynamicLossScaleState,
+    SkipNonfiniteState,
+    SkipOnSpikeState,
+    dynamic_loss_scale,
+    loss_scale,
+    skip_nonfinite,
+    skip_on_spike,
+)
 from gradsafe._metrics import largest_leaves, leaf_norms, metrics
 from gradsafe._numerics import global_norm
 from gradsafe._paths import PathMask, path_mask
+from gradsafe._presets import stabilize
 from gradsafe._regularization import (
     AddElasticNetState,
     AddL1State,
@@ -46,11 +67,14 @@ from gradsafe._splitting import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "SKIP_REASONS",
     "AccumulateState",
+    "AdaGCState",
     "AdaptiveGradClipState",
     "AddElasticNetState",
     "AddL1State",
     "AddL2State",
+    "AutoClipState",
     "ClipByBlockRmsState",
     "ClipByGlobalNormState",
     "ClipByLeafNormState",
@@ -58,17 +82,24 @@ __all__ = [
     "ClipUpdateRelativeState",
     "CooldownOnSpikeState",
     "DecayState",
+    "DynamicLossScaleState",
     "PathMask",
     "ProxElasticNetState",
     "ProxGroupLassoState",
     "ProxL1State",
+    "SkipNonfiniteState",
+    "SkipOnSpikeState",
+    "SpikeClipState",
     "SplitClipState",
     "SplitMagnitudeState",
+    "ZClipState",
     "accumulate",
+    "adagc",
     "adaptive_grad_clip",
     "add_elastic_net",
     "add_l1",
     "add_l2",
+    "autoclip",
     "clip_by_block_rms",
     "clip_by_global_norm",
     "clip_by_leaf_norm",
@@ -76,16 +107,23 @@ __all__ = [
     "clip_update_relative",
     "cooldown_on_spike",
     "decay",
+    "dynamic_loss_scale",
     "global_norm",
     "largest_leaves",
     "leaf_norms",
+    "loss_scale",
     "metrics",
     "path_mask",
     "prox_elastic_net",
     "prox_group_lasso",
     "prox_l1",
+    "skip_nonfinite",
+    "skip_on_spike",
+    "spike_clip",
     "split_by_path",
     "split_clip",
     "split_magnitude",
+    "stabilize",
     "unit_axes",
+    "zclip",
 ]

@@ -1,0 +1,753 @@
+"""Guards that refuse bad steps: non-finite steps, loss or norm spikes, loss-scale overflows.
+
+Each guard wraps an inner transform (usually the whole optimizer). On a *refused* step the
+emitted update is zeros (so ``optax.apply_updates`` leaves the parameters as they were) and the
+inner state is kept bit-for-bit as it was, so the optimizer's moments, counters and schedules do
+not advance. Nothing non-finite ever reaches the parameters: whatever else a guard checks, it
+also refuses a step whose incoming gradient, loss (extra arg ``value``), inner output, or new
+inner state is not finite.
+
+How a step is refused: the inner update always runs, and ``jnp.where`` picks the new or the old
+inner state (and the update or zeros). We deliberately do not use ``lax.cond``: refused steps
+are rare, so skipping the inner computation on them saves nothing that matters, while a
+conditional costs on every accepted step (on GPU the predicate is copied to the host before a
+branch is launched, and the state buffers cannot be updated in place across the branches). A
+select fuses into the optimizer's element-wise kernels, behaves the same under ``vmap``,
+``shard_map`` and ``jax.grad``, and keeps the old state exactly (a select copies bits).
+
+Every guard's state records ``skipped`` (this step was refused), ``reason`` (an index into
+:data:`SKIP_REASONS`; 0 when accepted), ``consecutive_skips`` and ``total_skips`` (int32,
+saturating), which :func:`gradsafe.metrics` reports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gradsafe._metrics import metrics, register_stats
+from gradsafe._numerics import (
+    AxisName,
+    accumulation_dtype,
+    check_axis_name,
+    check_scalar,
+    float_leaves,
+    global_norm,
+    is_float_leaf,
+    map_float_leaves,
+    mean_across_devices,
+    reduce_across_devices,
+    safe_increment,
+    zero_count,
+)
+
+#: Why a guard refused a step: ``SKIP_REASONS[int(state.reason)]``. Index 0 means accepted.
+SKIP_REASONS = (
+    "accepted",
+    "nonfinite_gradient",  # a NaN/Inf in the incoming (unscaled) gradient: loss-scale overflow
+    "nonfinite_loss",  # the extra arg `value` is NaN/Inf
+    "loss_spike",  # the loss is more than sigma deviations above the window mean
+    "norm_spike",  # the gradient norm is more than sigma deviations above the window mean
+    "nonfinite_update",  # the inner transform's output has a NaN/Inf
+    "nonfinite_state",  # the inner transform's new state turned a finite entry into NaN/Inf
+)
+ACCEPTED, NONFINITE_GRADIENT, NONFINITE_LOSS, LOSS_SPIKE, NORM_SPIKE = range(5)
+NONFINITE_UPDATE, NONFINITE_STATE = 5, 6
+
+_WATCHABLE = ("loss", "norm")
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def _check_inner(inner: Any) -> optax.GradientTransformationExtraArgs:
+    if not (callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None))):
+        raise ValueError(f"inner must be an optax GradientTransformation, got {inner!r}")
+    return optax.with_extra_args_support(inner)
+
+
+def _check_int(name: str, value: Any, lower: int, upper: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < lower or (upper is not None and value > upper):
+        bounds = f"[{lower}, {'inf' if upper is None else upper}]"
+        raise ValueError(f"{name} must be an integer in {bounds}, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# The refusal machinery shared by every guard
+# --------------------------------------------------------------------------------------------
+
+
+def _any_device(flags: Sequence[jax.Array], refs: Sequence[Any], axis_name: AxisName):
+    """Whether any of ``flags`` is set on any device (``refs[i]`` tells flag i's sharding)."""
+    if not flags:
+        return jnp.array(False)
+    values = [jnp.asarray(f).astype(jnp.int32) for f in flags]
+    return reduce_across_devices(values, list(refs), axis_name, op="max") > 0
+
+
+def _nonfinite(tree: Any, axis_name: AxisName) -> jax.Array:
+    """Whether any float leaf of ``tree`` has a NaN or Inf, on any device."""
+    leaves = float_leaves(tree)
+    return _any_device([~jnp.all(jnp.isfinite(x)) for x in leaves], leaves, axis_name)
+
+
+def _went_nonfinite(old: Any, new: Any, axis_name: AxisName) -> jax.Array:
+    """Whether an entry that was finite in ``old`` is NaN or Inf in ``new``, on any device.
+
+    Entries that were already non-finite (sentinels such as an Inf "no bound yet") are ignored.
+    """
+    pairs = [
+        (a, b)
+        for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new), strict=True)
+        if is_float_leaf(a) and is_float_leaf(b) and jnp.shape(a) == jnp.shape(b)
+    ]
+    flags = [jnp.any(jnp.isfinite(a) & ~jnp.isfinite(b)) for a, b in pairs]
+    return _any_device(flags, [b for _, b in pairs], axis_name)
+
+
+def _loss_of(extra_args: dict[str, Any], axis_name: AxisName) -> jax.Array | None:
+    """The scalar loss (extra arg ``value``) in float32, averaged across devices, or None."""
+    value = extra_args.get("value")
+    if value is None:
+        return None
+    loss = jnp.asarray(value)
+    if loss.size != 1:
+        raise ValueError(f"value must be the scalar loss, got an array of shape {loss.shape}")
+    return mean_across_devices(loss.reshape(()).astype(jnp.float32), axis_name)
+
+
+def _select(accept: jax.Array, new: Any, old: Any) -> Any:
+    """``new`` where ``accept`` else ``old``, leaf by leaf (bits of the chosen side are kept)."""
+
+    def pick(a: Any, b: Any) -> Any:
+        if not hasattr(a, "dtype") or a.dtype == jax.dtypes.float0:
+            return a
+        return jnp.where(accept, a, jnp.asarray(b, a.dtype))
+
+    return jax.tree.map(pick, new, old)
+
+
+def _zeros_unless(accept: jax.Array, updates: Any) -> Any:
+    """``updates`` where ``accept``, else zeros of the same structure and dtypes."""
+
+    def pick(u: Any) -> Any:
+        if not hasattr(u, "dtype") or u.dtype == jax.dtypes.float0:
+            return u
+        return jnp.where(accept, u, jnp.zeros_like(u))
+
+    return jax.tree.map(pick, updates)
+
+
+class _Outcome(NamedTuple):
+    updates: Any
+    inner_state: Any
+    reason: jax.Array
+    skipped: jax.Array
+    consecutive_skips: jax.Array
+    total_skips: jax.Array
+
+
+def _guarded_update(
+    inner: optax.GradientTransformationExtraArgs,
+    updates: Any,
+    state: Any,
+    params: Any,
+    extra_args: dict[str, Any],
+    reason: jax.Array,
+    axis_name: AxisName,
+) -> _Outcome:
+    """Run ``inner`` and accept its step only if ``reason`` is ACCEPTED and its result is finite.
+
+    ``reason`` is the guard's own verdict, already the same on every device. ``state`` is the
+    guard's state (it has ``inner_state``, ``consecutive_skips``, ``total_skips``).
+    """
+    out, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
+    reason = jnp.where(
+        reason != ACCEPTED,
+        reason,
+        jnp.where(
+            _nonfinite(out, axis_name),
+            NONFINITE_UPDATE,
+            jnp.where(_went_nonfinite(state.inner_state, new_inner, axis_name), NONFINITE_STATE, 0),
+        ),
+    ).astype(jnp.int32)
+    accept = reason == ACCEPTED
+    skipped = ~accept
+    return _Outcome(
+        updates=_zeros_unless(accept, out),
+        inner_state=_select(accept, new_inner, state.inner_state),
+        reason=reason,
+        skipped=skipped,
+        consecutive_skips=jnp.where(skipped, safe_increment(state.consecutive_skips), 0),
+        total_skips=jnp.where(skipped, safe_increment(state.total_skips), state.total_skips),
+    )
+
+
+def _first_reason(*pairs: tuple[jax.Array, int]) -> jax.Array:
+    """The code of the first set flag in ``(flag, code)`` pairs, ACCEPTED when none is set."""
+    reason = jnp.asarray(ACCEPTED, jnp.int32)
+    for flag, code in reversed(pairs):
+        reason = jnp.where(flag, jnp.int32(code), reason)
+    return reason
+
+
+def _initial_counters() -> dict[str, jax.Array]:
+    return {
+        "skipped": jnp.array(False),
+        "reason": zero_count(),
+        "consecutive_skips": zero_count(),
+        "total_skips": zero_count(),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# skip_nonfinite
+# --------------------------------------------------------------------------------------------
+
+
+@register_stats("skip_nonfinite", "skipped", "reason", "consecutive_skips", "total_skips")
+class SkipNonfiniteState(NamedTuple):
+    """State of :func:`skip_nonfinite`.
+
+    Attributes:
+      skipped: whether the last step was refused.
+      reason: why (index into :data:`SKIP_REASONS`; 0 when accepted).
+      consecutive_skips: refusals in a row up to the last step (int32, saturating).
+      total_skips: refusals since ``init`` (int32, saturating).
+      inner_state: the wrapped transform's state, unchanged by refused steps.
+    """
+
+    skipped: jax.Array
+    reason: jax.Array
+    consecutive_skips: jax.Array
+    total_skips: jax.Array
+    inner_state: Any
+
+
+def skip_nonfinite(
+    inner: optax.GradientTransformation, *, axis_name: AxisName = None
+) -> optax.GradientTransformationExtraArgs:
+    """Refuse every step whose gradient, loss, update or new optimizer state is not finite.
+
+    A step is refused when any of these holds (the first one names the ``reason``):
+
+    1. the incoming gradient has a NaN or Inf;
+    2. the loss, when passed as the extra arg ``value``, is NaN or Inf;
+    3. ``inner``'s output update has a NaN or Inf;
+    4. ``inner``'s new state turns an entry that was finite into NaN or Inf (for example
+       Adam's second moment overflowing on a huge but finite gradient).
+
+    A refused step emits zeros and keeps ``inner``'s state bit-identical; an accepted step
+    emits exactly what ``inner`` emits. With ``axis_name`` (inside ``shard_map``/``pmap``) the
+    checks are combined across devices, so every device refuses together.
+
+    Differences from the reference:
+      ``optax.apply_if_finite(inner, max_consecutive_errors)`` checks only the incoming
+      gradient and, after ``max_consecutive_errors`` refusals in a row, applies the NaN
+      update (the parameters become NaN). This guard never gives up, also checks the loss,
+      the inner output and the inner state, and counts refusals the same way
+      (``consecutive_skips`` ~ ``notfinite_count``, ``total_skips`` ~ ``total_notfinite``).
+
+    Args:
+      inner: the transform to guard, usually the whole optimizer.
+      axis_name: mesh axis name(s) over which all devices must refuse together.
+
+    Returns:
+      A :class:`optax.GradientTransformationExtraArgs` with :class:`SkipNonfiniteState`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, gradsafe as gs
+      >>> tx = gs.skip_nonfinite(optax.sgd(0.1))
+      >>> state = tx.init(jnp.zeros(2))
+      >>> updates, state = tx.update(jnp.array([1.0, jnp.nan]), state)
+      >>> updates, bool(state.skipped), gs.SKIP_REASONS[int(state.reason)]
+      (Array([0., 0.], dtype=float32), True, 'nonfinite_gradient')
+      >>> updates, state = tx.update(jnp.array([1.0, 2.0]), state)
+      >>> updates, int(state.total_skips), int(state.consecutive_skips)
+      (Array([-0.1, -0.2], dtype=float32), 1, 0)
+
+    References:
+      Micikevicius et al., `Mixed Precision Training <https://arxiv.org/abs/1710.03740>`_,
+      ICLR 2018 (skipping steps whose gradients overflow).
+    """
+    inner = _check_inner(inner)
+    check_axis_name(axis_name)
+
+    def init_fn(params: Any) -> SkipNonfiniteState:
+        return SkipNonfiniteState(**_initial_counters(), inner_state=inner.init(params))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        loss = _loss_of(extra_args, axis_name)
+        loss_bad = jnp.array(False) if loss is None else ~jnp.isfinite(loss)
+        reason = _first_reason(
+            (_nonfinite(updates, axis_name), NONFINITE_GRADIENT), (loss_bad, NONFINITE_LOSS)
+        )
+        outcome = _guarded_update(inner, updates, state, params, extra_args, reason, axis_name)
+        new_state = SkipNonfiniteState(
+            skipped=outcome.skipped,
+            reason=outcome.reason,
+            consecutive_skips=outcome.consecutive_skips,
+            total_skips=outcome.total_skips,
+            inner_state=outcome.inner_state,
+        )
+        return outcome.updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------------------------
+# skip_on_spike
+# --------------------------------------------------------------------------------------------
+
+
+@register_stats(
+    "skip_on_spike",
+    "skipped",
+    "reason",
+    "consecutive_skips",
+    "total_skips",
+    "norm",
+    "loss",
+    "norm_mean",
+    "norm_std",
+    "loss_mean",
+    "loss_std",
+)
+class SkipOnSpikeState(NamedTuple):
+    """State of :func:`skip_on_spike`.
+
+    Attributes:
+      skipped, reason, consecutive_skips, total_skips: as in :class:`SkipNonfiniteState`.
+      norm: the global norm of the last incoming gradient (float32).
+      loss: the last loss (extra arg ``value``), NaN when none was passed.
+      norm_mean, norm_std, loss_mean, loss_std: the window statistics the last step was compared
+        with (0 while the window is empty; the deviation is the sample one, ``ddof=1``).
+      norm_window, loss_window: the last ``window`` accepted values, oldest first, right-aligned.
+      norm_count, loss_count: how many entries of each window are filled (int32, ``<= window``).
+      inner_state: the wrapped transform's state, unchanged by refused steps.
+    """
+
+    skipped: jax.Array
+    reason: jax.Array
+    consecutive_skips: jax.Array
+    total_skips: jax.Array
+    norm: jax.Array
+    loss: jax.Array
+    norm_mean: jax.Array
+    norm_std: jax.Array
+    loss_mean: jax.Array
+    loss_std: jax.Array
+    norm_window: jax.Array
+    loss_window: jax.Array
+    norm_count: jax.Array
+    loss_count: jax.Array
+    inner_state: Any
+
+
+def _window_stats(window: jax.Array, count: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean and sample deviation (ddof=1) of the last ``count`` entries of ``window``."""
+    size = window.shape[0]
+    valid = jnp.arange(size) >= size - count
+    n = count.astype(jnp.float32)
+    mean = jnp.sum(jnp.where(valid, window, 0)) / jnp.maximum(n, 1)
+    squares = jnp.where(valid, jnp.square(window - mean), 0)
+    std = jnp.sqrt(jnp.sum(squares) / jnp.maximum(n - 1, 1))
+    return mean, std
+
+
+def _push(window: jax.Array, count: jax.Array, value: jax.Array, keep: jax.Array):
+    """Append ``value`` to the right of ``window`` (dropping the oldest) where ``keep``."""
+    shifted = jnp.concatenate([window[1:], value.reshape(1)])
+    size = window.shape[0]
+    return (
+        jnp.where(keep, shifted, window),
+        jnp.where(keep, jnp.minimum(count + 1, size), count).astype(jnp.int32),
+    )
+
+
+def skip_on_spike(
+    inner: optax.GradientTransformation,
+    *,
+    sigma: float = 6.0,
+    window: int = 128,
+    min_history: int = 64,
+    watch: Sequence[str] = ("loss", "norm"),
+    record_refused: bool = False,
+    axis_name: AxisName = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Refuse a step whose loss or gradient norm spikes above its recent history.
+
+    For each watched quantity :math:`x` (the loss, passed as the extra arg ``value``, and/or
+    the global L2 norm of the incoming gradient), with :math:`\\mu` and :math:`\\sigma_x` the
+    mean and sample standard deviation of the last ``window`` accepted steps' values, the step
+    is refused when the window holds at least ``min_history`` values and
+
+    .. math:: x - \\mu > \\text{sigma} \\cdot \\sigma_x
+
+    (one-sided: a drop in loss is never a spike). A refused step emits zeros and keeps the
+    inner state bit-identical; its value does not enter the window. Non-finite values never
+    enter the window: a NaN/Inf gradient or loss is refused as by :func:`skip_nonfinite`, as is
+    an inner output or new inner state that is not finite; an infinite norm of a finite
+    gradient is a norm spike. Without ``value`` the guard watches the norm alone (if ``watch``
+    is ``("loss",)`` alone, calling ``update`` without ``value`` raises ``ValueError``).
+
+    With ``axis_name`` the loss is averaged and the norm reduced across devices, so every
+    device keeps the same window and takes the same decision.
+
+    Because refused values stay out of the window, a lasting jump in the loss (not a spike,
+    a new level) is refused until the caller intervenes; pass ``record_refused=True`` to let
+    refused finite values into the window (as OLMo-core does), so the window follows a new
+    level after a while.
+
+    Differences from the reference:
+      OLMo-core's ``SkipStepOptimizer`` (``rolling_interval_length=128, sigma_factor=6``, the
+      defaults here) records every step's loss and norm, refused or not, and a NaN in its
+      window turns every later comparison False. Here refused values stay out of the window
+      (``record_refused=True`` restores OLMo's behaviour for finite values) and non-finite
+      values never enter it. ``min_history`` counts the values in the window before the
+      current step.
+
+    Args:
+      inner: the transform to guard, usually the whole optimizer.
+      sigma: how many standard deviations above the mean is a spike, ``> 0``.
+      window: how many accepted steps the statistics cover, an integer ``>= 2``.
+      min_history: refuse nothing until the window holds this many values,
+        an integer in ``[2, window]``.
+      watch: which of ``"loss"`` and ``"norm"`` can trigger a refusal.
+      record_refused: whether refused (finite) values also enter the window.
+      axis_name: mesh axis name(s) over which all devices must refuse together.
+
+    Returns:
+      A :class:`optax.GradientTransformationExtraArgs` with :class:`SkipOnSpikeState`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, gradsafe as gs
+      >>> tx = gs.skip_on_spike(optax.sgd(0.1), window=4, min_history=2)
+      >>> state = tx.init(jnp.zeros(1))
+      >>> for loss in [1.0, 1.1, 0.9, 1.0]:
+      ...     _, state = tx.update(jnp.ones(1), state, value=jnp.array(loss))
+      >>> updates, state = tx.update(jnp.ones(1), state, value=jnp.array(9.0))
+      >>> updates, gs.SKIP_REASONS[int(state.reason)], round(float(state.loss_mean), 3)
+      (Array([0.], dtype=float32), 'loss_spike', 1.0)
+
+    References:
+      Chowdhery et al., `PaLM: Scaling Language Modeling with Pathways
+      <https://arxiv.org/abs/2204.02311>`_, 2022 (loss spikes); Team OLMo, `2 OLMo 2 Furious
+      <https://arxiv.org/abs/2501.00656>`_, 2025 (skipping steps whose loss or gradient norm is
+      6 deviations above the last 128 steps).
+    """
+    inner = _check_inner(inner)
+    check_scalar("sigma", sigma, lower=0.0, lower_inclusive=False, allow_schedule=False)
+    _check_int("window", window, 2)
+    _check_int("min_history", min_history, 2, window)
+    if isinstance(watch, str):
+        watch = (watch,)
+    watch = tuple(watch) if isinstance(watch, (tuple, list)) else watch
+    if not isinstance(watch, tuple) or not watch or any(w not in _WATCHABLE for w in watch):
+        raise ValueError(f"watch must be a non-empty subset of {_WATCHABLE}, got {watch!r}")
+    check_axis_name(axis_name)
+    record_refused = bool(record_refused)
+
+    def init_fn(params: Any) -> SkipOnSpikeState:
+        zero = jnp.zeros([], jnp.float32)
+        return SkipOnSpikeState(
+            **_initial_counters(),
+            norm=zero,
+            loss=jnp.full([], jnp.nan, jnp.float32),
+            norm_mean=zero,
+            norm_std=zero,
+            loss_mean=zero,
+            loss_std=zero,
+            norm_window=jnp.zeros([window], jnp.float32),
+            loss_window=jnp.zeros([window], jnp.float32),
+            norm_count=zero_count(),
+            loss_count=zero_count(),
+            inner_state=inner.init(params),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        loss = _loss_of(extra_args, axis_name)
+        if loss is None and watch == ("loss",):
+            raise ValueError(
+                "skip_on_spike(watch=('loss',)) needs the loss: call update(..., value=loss)"
+            )
+        threshold = jnp.asarray(sigma, jnp.float32)
+        norm = global_norm(updates, axis_name=axis_name).astype(jnp.float32)
+        norm_mean, norm_std = _window_stats(state.norm_window, state.norm_count)
+        norm_ready = state.norm_count >= min_history
+        norm_spike = ~jnp.isfinite(norm) | (norm_ready & (norm - norm_mean > threshold * norm_std))
+        norm_spike = norm_spike & ("norm" in watch)
+
+        loss_mean, loss_std = _window_stats(state.loss_window, state.loss_count)
+        if loss is None:
+            loss = jnp.full([], jnp.nan, jnp.float32)
+            loss_bad = loss_spike = jnp.array(False)
+        else:
+            loss_bad = ~jnp.isfinite(loss)
+            loss_ready = state.loss_count >= min_history
+            loss_spike = loss_ready & (loss - loss_mean > threshold * loss_std) & ("loss" in watch)
+
+        reason = _first_reason(
+            (_nonfinite(updates, axis_name), NONFINITE_GRADIENT),
+            (loss_bad, NONFINITE_LOSS),
+            (loss_spike, LOSS_SPIKE),
+            (norm_spike, NORM_SPIKE),
+        )
+        outcome = _guarded_update(inner, updates, state, params, extra_args, reason, axis_name)
+        record = jnp.array(True) if record_refused else ~outcome.skipped
+        norm_window, norm_count = _push(
+            state.norm_window, state.norm_count, norm, record & jnp.isfinite(norm)
+        )
+        loss_window, loss_count = _push(
+            state.loss_window, state.loss_count, loss, record & jnp.isfinite(loss)
+        )
+        new_state = SkipOnSpikeState(
+            skipped=outcome.skipped,
+            reason=outcome.reason,
+            consecutive_skips=outcome.consecutive_skips,
+            total_skips=outcome.total_skips,
+            norm=norm,
+            loss=loss,
+            norm_mean=norm_mean,
+            norm_std=norm_std,
+            loss_mean=loss_mean,
+            loss_std=loss_std,
+            norm_window=norm_window,
+            loss_window=loss_window,
+            norm_count=norm_count,
+            loss_count=loss_count,
+            inner_state=outcome.inner_state,
+        )
+        return outcome.updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------------------------
+# dynamic_loss_scale
+# --------------------------------------------------------------------------------------------
+
+
+@register_stats(
+    "dynamic_loss_scale",
+    "loss_scale",
+    "skipped",
+    "reason",
+    "consecutive_skips",
+    "total_skips",
+    "growth_tracker",
+)
+class DynamicLossScaleState(NamedTuple):
+    """State of :func:`dynamic_loss_scale`.
+
+    Attributes:
+      loss_scale: the scale to multiply the next step's loss by (float32); read it with
+        :func:`loss_scale`.
+      growth_tracker: clean steps since the last overflow or growth (int32).
+      hysteresis_left: overflows still tolerated before backing off (int32, Megatron's
+        hysteresis tracker, floored at 0).
+      skipped, reason, consecutive_skips, total_skips: as in :class:`SkipNonfiniteState`;
+        an overflow has reason ``"nonfinite_gradient"``.
+      inner_state: the wrapped transform's state, unchanged by refused steps.
+    """
+
+    loss_scale: jax.Array
+    growth_tracker: jax.Array
+    hysteresis_left: jax.Array
+    skipped: jax.Array
+    reason: jax.Array
+    consecutive_skips: jax.Array
+    total_skips: jax.Array
+    inner_state: Any
+
+
+def dynamic_loss_scale(
+    inner: optax.GradientTransformation,
+    *,
+    init_scale: float = 2.0**15,
+    growth_interval: int = 2000,
+    growth_factor: float = 2.0,
+    backoff_factor: float = 0.5,
+    min_scale: float = 1.0,
+    hysteresis: int = 1,
+    axis_name: AxisName = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Dynamic loss scaling for float16 training: unscale, refuse overflows, adapt the scale.
+
+    The training step multiplies its loss by :math:`S` = :func:`loss_scale` ``(opt_state)``
+    before differentiating (pass the *unscaled* loss as ``value`` if you pass one). The
+    wrapper multiplies every gradient leaf by :math:`1/S` (in float32, cast back to the leaf's
+    dtype) and hands the result to ``inner``. Then, with :math:`t` the growth tracker and
+    :math:`h` the overflows left before a backoff:
+
+    * **overflow** (the unscaled gradient has a NaN/Inf on any device): the step is refused,
+      :math:`t \\leftarrow 0`, :math:`h \\leftarrow \\max(h-1, 0)`, and if :math:`h = 0`,
+      :math:`S \\leftarrow \\max(S \\cdot \\text{backoff\\_factor}, \\text{min\\_scale})`;
+    * **clean step**: :math:`t \\leftarrow t+1`; when :math:`t` reaches ``growth_interval``,
+      :math:`t \\leftarrow 0`, :math:`h \\leftarrow` ``hysteresis``, and
+      :math:`S \\leftarrow S \\cdot \\text{growth\\_factor}` if that is finite.
+    * A step refused for another reason (NaN loss, non-finite inner output or state, as in
+      :func:`skip_nonfinite`) changes neither :math:`S`, :math:`t` nor :math:`h`.
+
+    ``min_scale`` and the other settings live in the closure, not in the state, so they
+    survive ``jit`` and any pytree round trip. Refused steps emit zeros and keep the inner
+    state bit-identical.
+
+    Matching other libraries (same scale sequence on the same overflow pattern):
+
+    * ``jmp.DynamicLossScale(loss_scale=S0, period=P, factor=F, min_loss_scale=M)``:
+      ``init_scale=S0, growth_interval=P, growth_factor=F, backoff_factor=1/F, min_scale=M,
+      hysteresis=1`` (jmp's defaults are this function's defaults: ``2**15``, 2000, 2, 1.0).
+    * ``torch.amp.GradScaler(init_scale=S0, growth_factor=G, backoff_factor=B,
+      growth_interval=P)``: ``init_scale=S0, growth_factor=G, backoff_factor=B,
+      growth_interval=P, min_scale=0.0, hysteresis=1`` (GradScaler has no floor; its defaults
+      are ``2**16``, 2.0, 0.5, 2000).
+    * Megatron-LM ``DynamicGradScaler(initial_scale, min_scale, growth_factor, backoff_factor,
+      growth_interval, hysteresis)``: the same names. ``hysteresis=n`` backs off from the n-th
+      overflow since the last growth (or the start) on, as Megatron's code does (its docstring
+      says "consecutive", but its tracker is reset only by a growth).
+
+    Differences from the reference:
+      Megatron-LM grows the scale even when the result is infinite; here (as in jmp and
+      PyTorch) a growth that would overflow float32 is not taken. jmp keeps ``min_loss_scale``
+      out of its pytree, so after ``jit`` it silently returns to 1.0; here it is kept.
+
+    Args:
+      inner: the transform to guard, usually the whole optimizer.
+      init_scale: the first loss scale, finite, ``> 0`` and ``>= min_scale``.
+      growth_interval: clean steps between growths, an integer ``>= 1``.
+      growth_factor: the factor of a growth, ``>= 1``.
+      backoff_factor: the factor of a backoff, in ``(0, 1]``.
+      min_scale: the floor of the scale, ``>= 0`` (0: no floor, as GradScaler).
+      hysteresis: overflows (since the last growth) before backing off, an integer ``>= 1``.
+      axis_name: mesh axis name(s) over which all devices must refuse together.
+
+    Returns:
+      A :class:`optax.GradientTransformationExtraArgs` with :class:`DynamicLossScaleState`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, gradsafe as gs
+      >>> tx = gs.dynamic_loss_scale(optax.sgd(0.1), init_scale=1024.0, growth_interval=2)
+      >>> params = jnp.array(1.0)
+      >>> state = tx.init(params)
+      >>> scales = []
+      >>> for step in range(5):
+      ...     scaled_loss = lambda p: jnp.square(p) * gs.loss_scale(state)
+      ...     grads = jax.grad(scaled_loss)(params)
+      ...     if step == 2:
+      ...         grads = grads * jnp.inf  # an overflow
+      ...     updates, state = tx.update(grads, state)
+      ...     params = optax.apply_updates(params, updates)
+      ...     scales.append(float(gs.loss_scale(state)))
+      >>> scales
+      [1024.0, 2048.0, 1024.0, 1024.0, 2048.0]
+
+    References:
+      Micikevicius et al., `Mixed Precision Training <https://arxiv.org/abs/1710.03740>`_,
+      ICLR 2018; Shoeybi et al., `Megatron-LM <https://arxiv.org/abs/1909.08053>`_, 2019
+      (hysteresis).
+    """
+    inner = _check_inner(inner)
+    check_scalar("min_scale", min_scale, allow_schedule=False)
+    check_scalar("init_scale", init_scale, lower=0.0, lower_inclusive=False, allow_schedule=False)
+    if float(np.asarray(init_scale)) < float(np.asarray(min_scale)):
+        raise ValueError(f"init_scale must be >= min_scale={min_scale!r}, got {init_scale!r}")
+    _check_int("growth_interval", growth_interval, 1)
+    check_scalar("growth_factor", growth_factor, lower=1.0, allow_schedule=False)
+    check_scalar(
+        "backoff_factor", backoff_factor, lower=0.0, lower_inclusive=False, upper=1.0,
+        allow_schedule=False,
+    )  # fmt: skip
+    _check_int("hysteresis", hysteresis, 1)
+    check_axis_name(axis_name)
+
+    def init_fn(params: Any) -> DynamicLossScaleState:
+        return DynamicLossScaleState(
+            loss_scale=jnp.asarray(init_scale, jnp.float32),
+            growth_tracker=zero_count(),
+            hysteresis_left=jnp.asarray(hysteresis, jnp.int32),
+            **_initial_counters(),
+            inner_state=inner.init(params),
+        )
+
+    def unscale(x: jax.Array, inverse: jax.Array) -> jax.Array:
+        acc = accumulation_dtype(x.dtype)
+        return (x.astype(acc) * inverse.astype(acc)).astype(x.dtype)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        scale = state.loss_scale
+        inverse = jnp.float32(1) / scale
+        updates = map_float_leaves(lambda x: unscale(x, inverse), updates)
+        overflow = _nonfinite(updates, axis_name)
+        loss = _loss_of(extra_args, axis_name)
+        loss_bad = jnp.array(False) if loss is None else ~jnp.isfinite(loss)
+        reason = _first_reason((overflow, NONFINITE_GRADIENT), (loss_bad, NONFINITE_LOSS))
+        outcome = _guarded_update(inner, updates, state, params, extra_args, reason, axis_name)
+
+        clean = ~outcome.skipped
+        tracker = state.growth_tracker + 1
+        grow = clean & (tracker >= growth_interval)
+        grown = scale * jnp.float32(growth_factor)
+        hysteresis_left = jnp.maximum(state.hysteresis_left - 1, 0)
+        backoff = overflow & (hysteresis_left == 0)
+        backed_off = jnp.maximum(scale * jnp.float32(backoff_factor), jnp.float32(min_scale))
+        new_scale = jnp.where(
+            backoff, backed_off, jnp.where(grow & jnp.isfinite(grown), grown, scale)
+        )
+        new_state = DynamicLossScaleState(
+            loss_scale=new_scale,
+            growth_tracker=jnp.where(
+                overflow | grow, 0, jnp.where(clean, tracker, state.growth_tracker)
+            ).astype(jnp.int32),
+            hysteresis_left=jnp.where(
+                overflow, hysteresis_left, jnp.where(grow, hysteresis, state.hysteresis_left)
+            ).astype(jnp.int32),
+            skipped=outcome.skipped,
+            reason=outcome.reason,
+            consecutive_skips=outcome.consecutive_skips,
+            total_skips=outcome.total_skips,
+            inner_state=outcome.inner_state,
+        )
+        return outcome.updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def loss_scale(opt_state: Any) -> jax.Array:
+    """The loss scale to multiply the next step's loss by: 1.0 without :func:`dynamic_loss_scale`.
+
+    Finds the :class:`DynamicLossScaleState` anywhere inside ``opt_state`` (chains,
+    :func:`gradsafe.stabilize`, flax ``nnx.Optimizer`` state); works inside ``jit``. Raises
+    ``ValueError`` if the state holds more than one.
+
+    Args:
+      opt_state: an optimizer state.
+
+    Returns:
+      A float32 scalar.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, gradsafe as gs
+      >>> state = gs.stabilize(optax.sgd(0.1), clip=None, loss_scale=True).init(jnp.zeros(1))
+      >>> float(gs.loss_scale(state)), float(gs.loss_scale(optax.sgd(0.1).init(jnp.zeros(1))))
+      (32768.0, 1.0)
+    """
+    found = [
+        value
+        for key, value in metrics(opt_state).items()
+        if key.startswith("dynamic_loss_scale") and key.endswith("/loss_scale")
+    ]
+    if len(found) > 1:
+        raise ValueError(f"opt_state holds {len(found)} dynamic_loss_scale states; expected one")
+    if not found:
+        return jnp.ones([], jnp.float32)
+    return jnp.asarray(found[0], jnp.float32)
