@@ -79,16 +79,18 @@ def _map_with_params(fn: Callable[[jax.Array, jax.Array], Any], updates: Any, pa
 
 
 def _check_mask(mask: Any) -> None:
-    """Raise ``ValueError`` for masks ``optax.masked`` cannot use (strings, jax arrays)."""
+    """Raise ``ValueError`` for masks that are surely mistakes: strings, bare bools, arrays."""
     if isinstance(mask, str):
         raise ValueError(
             f"mask must be None, a tree of bools or a function params -> tree of bools, got the"
             f" string {mask!r}; for a regular expression on paths use gs.path_mask({mask!r})"
         )
-    if isinstance(mask, jax.Array):
+    # A bare bool or array is what optax.inject_hyperparams hands over when it has called a
+    # mask function as if it were a schedule (``mask`` missing from ``static_args``).
+    if isinstance(mask, (bool, jax.Array)):
         raise ValueError(
             "mask must be None, a tree of Python bools or a function params -> tree of bools,"
-            f" got an array {mask!r}; under optax.inject_hyperparams list 'mask' in static_args"
+            f" got {mask!r}; under optax.inject_hyperparams list 'mask' in static_args"
         )
 
 
@@ -99,6 +101,22 @@ def _with_mask(tx: optax.GradientTransformationExtraArgs, mask: Mask):
 def _check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def _resolver(
+    hyperparams: tuple[ScalarOrSchedule | None, ...], count: jax.Array
+) -> Callable[[Any], list[jax.Array | None]]:
+    """``dtype -> hyperparameter values at step count in dtype`` (float64 leaves under x64 get
+    float64 values, not float32 ones cast up); each dtype is resolved once."""
+    cache: dict[Any, list[jax.Array | None]] = {}
+
+    def values_in(dtype: Any) -> list[jax.Array | None]:
+        key = jnp.dtype(dtype)
+        if key not in cache:
+            cache[key] = [None if h is None else resolve(h, count, key) for h in hyperparams]
+        return cache[key]
+
+    return values_in
 
 
 def _total(values: list[jax.Array]) -> jax.Array:
@@ -151,8 +169,7 @@ def _penalty_gradient(
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         require_params(params)
-        l1_now = None if l1 is None else resolve(l1, state.count)
-        l2_now = None if l2 is None else resolve(l2, state.count)
+        values_in = _resolver((l1, l2), state.count)
         penalties: list[jax.Array] = []
 
         def add_term(g: jax.Array, w: jax.Array) -> jax.Array:
@@ -160,6 +177,7 @@ def _penalty_gradient(
             weights = w.astype(dtype)
             total = g.astype(dtype)
             real = accumulation_dtype(dtype)
+            l1_now, l2_now = values_in(real)
             penalty = jnp.zeros([], real)
             if l1_now is not None:
                 total = total + l1_now.astype(dtype) * jnp.sign(weights)
@@ -358,15 +376,15 @@ def _proximal_step(
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         require_params(params)
-        values = [resolve(h, state.count) for h in (learning_rate, *hyperparams)]
+        values_in = _resolver((learning_rate, *hyperparams), state.count)
+        values = values_in(jnp.float32)
         zeros: list[jax.Array] = []
         sizes: list[int] = []
 
         def step(u: jax.Array, w: jax.Array) -> jax.Array:
             dtype = _compute_dtype(u.dtype, w.dtype)
-            real = accumulation_dtype(dtype)
             u_wide, w_wide = u.astype(dtype), w.astype(dtype)
-            hyper = [v.astype(real) for v in values]
+            hyper = values_in(accumulation_dtype(dtype))
             new_update, zero_count_ = leaf_fn(u_wide, w_wide, w_wide + u_wide, hyper)
             zeros.append(zero_count_)
             sizes.append(u.size)
@@ -577,7 +595,10 @@ def prox_group_lasso(
         norm = leaf_norm(x, 2).astype(threshold.dtype)
         shrinks = norm > threshold
         factor = jnp.where(shrinks, 1 - threshold / jnp.where(shrinks, norm, 1), 0)
-        factor = jnp.where(jnp.isfinite(norm), factor, 1)  # non-finite: pass through
+        # A non-finite leaf passes through. Checked on the entries: the norm of a NaN leaf
+        # need not be NaN (a safe square root may map it to 0).
+        finite = jnp.isfinite(norm) & jnp.all(jnp.isfinite(x))
+        factor = jnp.where(finite, factor, 1)
         factor = factor.astype(x.dtype)
         # factor * x - w = factor * u - (1 - factor) * w: exactly -w at 0, exactly u at 1
         new_update = factor * u - (1 - factor) * w
@@ -666,14 +687,14 @@ def clip_update_relative(
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         require_params(params)
-        r_now = resolve(relative, state.count)
-        a_now = resolve(absolute, state.count)
+        values_in = _resolver((relative, absolute), state.count)
         scales: list[jax.Array] = []
 
         def clip_leaf(u: jax.Array, w: jax.Array) -> jax.Array:
             real = accumulation_dtype(_compute_dtype(u.dtype, w.dtype))
+            r_now, a_now = values_in(real)
             size = jnp.abs(u).astype(real)
-            bound = r_now.astype(real) * jnp.abs(w).astype(real) + a_now.astype(real)
+            bound = r_now * jnp.abs(w).astype(real) + a_now
             free = (size <= bound) | ~jnp.isfinite(size) | ~jnp.isfinite(bound)
             ratio = jnp.where(free, 1, bound / jnp.where(free, 1, size))
             scale = jnp.min(ratio, initial=1.0)
