@@ -10,8 +10,9 @@ Two ways to regularize the parameters :math:`w`:
   :func:`prox_group_lasso`. The update they return is :math:`u' = \\operatorname{prox}(w + u)
   - w`, so ``optax.apply_updates`` lands on the proximal point, and entries (or whole leaves)
   that the operator sets to zero become **exact zeros**: a gradient term only makes them
-  oscillate around zero. With ``optax.sgd(lr)`` before it and the same ``learning_rate``, this
-  is the proximal gradient method (ISTA).
+  oscillate around zero (exact when the updates have the parameters' dtype; a bfloat16
+  update of a float32 parameter can only come close). With ``optax.sgd(lr)`` before it and
+  the same ``learning_rate``, this is the proximal gradient method (ISTA).
 
 :func:`clip_update_relative` (Clippy) goes after the optimizer too: it bounds each entry of the
 update relative to the size of its parameter.
@@ -559,7 +560,9 @@ def prox_group_lasso(
     per call reproduces it), divides by zero at :math:`x = 0` (its output is 0 there, but
     ``jax.grad`` through it is NaN): here the factor uses a guarded division, so the step is
     safe at zero and ``jax.grad`` through it is finite. A leaf whose norm is not finite passes
-    through unchanged (jaxopt makes it zero or NaN). The norm accumulates in float32.
+    through unchanged (jaxopt makes it zero or NaN). The norm accumulates in float32. Under
+    ``jax.jit`` with sharded arrays the norm covers the whole leaf; inside ``shard_map`` it
+    would cover only the local shard (there is no ``axis_name`` here yet).
 
     Args:
       l2reg: :math:`\\lambda \\ge 0`; a number, an array or a schedule.
