@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradsafe._metrics import metrics, register_stats
+from gradsafe._metrics import _STATS, metrics, register_stats
 from gradsafe._numerics import (
     AxisName,
     accumulation_dtype,
@@ -100,11 +100,32 @@ def _nonfinite(tree: Any, axis_name: AxisName) -> jax.Array:
     return _any_device([~jnp.all(jnp.isfinite(x)) for x in leaves], leaves, axis_name)
 
 
+def _without_stats(state: Any) -> Any:
+    """``state`` with the stats fields of gradsafe states (see ``register_stats``) set to None.
+
+    Stats record what a transform saw (a ``norm`` may legitimately be Inf for a huge finite
+    gradient) and each gradsafe transform keeps its own dynamics finite; what remains are the
+    dynamics of foreign optimizers (moments, accumulators), which the guards protect.
+    """
+
+    def strip(node: Any) -> Any:
+        entry = _STATS.get(type(node))
+        if entry is None:
+            return node
+        fields = entry[1]
+        values = [None if f in fields else _without_stats(getattr(node, f)) for f in node._fields]
+        return type(node)(*values)
+
+    return jax.tree.map(strip, state, is_leaf=lambda x: type(x) in _STATS)
+
+
 def _went_nonfinite(old: Any, new: Any, axis_name: AxisName) -> jax.Array:
     """Whether an entry that was finite in ``old`` is NaN or Inf in ``new``, on any device.
 
-    Entries that were already non-finite (sentinels such as an Inf "no bound yet") are ignored.
+    Entries that were already non-finite (sentinels such as an Inf "no bound yet") and the
+    stats fields of gradsafe states are ignored.
     """
+    old, new = _without_stats(old), _without_stats(new)
     pairs = [
         (a, b)
         for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new), strict=True)
@@ -244,7 +265,9 @@ def skip_nonfinite(
     2. the loss, when passed as the extra arg ``value``, is NaN or Inf;
     3. ``inner``'s output update has a NaN or Inf;
     4. ``inner``'s new state turns an entry that was finite into NaN or Inf (for example
-       Adam's second moment overflowing on a huge but finite gradient).
+       Adam's second moment overflowing on a huge but finite gradient). The fields that
+       gradsafe transforms register as statistics (such as a recorded ``norm``) are not
+       checked: they record what was seen and may legitimately be Inf.
 
     A refused step emits zeros and keeps ``inner``'s state bit-identical; an accepted step
     emits exactly what ``inner`` emits. With ``axis_name`` (inside ``shard_map``/``pmap``) the
