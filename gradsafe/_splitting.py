@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -24,6 +25,7 @@ import optax
 from gradsafe._metrics import register_stats
 from gradsafe._numerics import (
     ScalarOrSchedule,
+    accumulation_dtype,
     check_scalar,
     clip_scale,
     global_norm,
@@ -44,7 +46,10 @@ from gradsafe._paths import path_str
 
 def _buffer_dtype(dtype: Any) -> jnp.dtype:
     """The dtype of a per-parameter buffer: at least float32, complex stays complex."""
-    return jnp.promote_types(dtype, jnp.float32)
+    real = accumulation_dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        return jnp.dtype(jnp.complex128) if real == jnp.float64 else jnp.dtype(jnp.complex64)
+    return real
 
 
 def _zeros_buffer(params: Any) -> Any:
@@ -132,10 +137,10 @@ def split_clip(
     computed from the update *after* it is cast back to the gradient's dtype, so float16 and
     bfloat16 rounding is carried as well and the sum above holds to float32 rounding.
 
-    When the incoming gradient has a NaN or Inf, the clipper's output passes through (the
-    default clippers let it through unchanged so a guard can refuse the step) and the residual
-    is kept as it was, never poisoned. Integer, bool, ``None`` and ``MaskedNode`` leaves pass
-    through and have no residual.
+    When the incoming gradient has a NaN or Inf it passes through unchanged, so that a guard
+    (e.g. ``optax.apply_if_finite``) can refuse the step, and the residual is kept as it was,
+    never poisoned (the clipper's state still records the step). Integer, bool, ``None`` and
+    ``MaskedNode`` leaves pass through and have no residual.
 
     Memory: one float32 per parameter (float64/complex for such leaves), plus the clipper's.
 
@@ -194,8 +199,11 @@ def split_clip(
 
         combined = jax.tree.map(combine, updates, state.residual)
         clipped, clip_state = inner.update(combined, state.clip_state, params, **extra_args)
-        # Non-float leaves keep the incoming value whatever the clipper made of them.
-        applied = map_float_leaves(lambda g, u: u.astype(g.dtype), updates, clipped)
+        # A non-finite gradient passes through as it came, for a guard to refuse; non-float
+        # leaves keep the incoming value whatever the clipper made of them.
+        applied = map_float_leaves(
+            lambda g, u: jnp.where(finite, u.astype(g.dtype), g), updates, clipped
+        )
 
         def carry(g: Any, old: Any, v: Any, u: Any) -> Any:
             if not is_float_leaf(g):
@@ -224,6 +232,19 @@ def split_clip(
 # --------------------------------------------------------------------------------------------
 # split_magnitude (Stable-SPAM AdaGN)
 # --------------------------------------------------------------------------------------------
+
+
+def _ema_constants(gamma: Any) -> tuple[jax.Array, jax.Array]:
+    """``1 - gamma`` and ``log(gamma)`` in float32, from float64 when ``gamma`` is a number.
+
+    ``1 - gamma^k`` is then ``-expm1(k log gamma)``: exact where float32 would round
+    ``gamma = 0.99999`` and lose three digits of ``1 - gamma``.
+    """
+    if is_traced(gamma) or not isinstance(gamma, (int, float)):
+        value = jnp.asarray(gamma, jnp.float32)
+        return 1 - value, jnp.log(value)
+    log = math.log(gamma) if gamma > 0 else -math.inf
+    return jnp.asarray(1 - gamma, jnp.float32), jnp.asarray(log, jnp.float32)
 
 
 @register_stats("split_magnitude", "norm", "scale", "count")
@@ -270,8 +291,9 @@ def split_magnitude(
         \\hat a = \\frac{a}{1-\\gamma_1^{k}},\\qquad \\hat b = \\frac{b}{1-\\gamma_2^{k}},\\qquad
         g \\leftarrow \\frac{g}{n} \\cdot \\frac{\\hat a}{\\sqrt{\\hat b} + \\epsilon}
 
-    A spike in one tensor's norm is thereby replaced by the running typical norm
-    (:math:`\\hat a / \\sqrt{\\hat b} \\le 1`, so the output norm is at most about 1 per tensor).
+    A spike in one tensor's norm is thereby replaced by the running typical norm (each
+    tensor's output norm :math:`\\hat a / (\\sqrt{\\hat b} + \\epsilon)` is about 1, below
+    it when the norm varies).
     A zero gradient stays zero and leaves its EMAs alone; a tensor with a NaN or Inf norm passes
     through unchanged (so a guard can see it) and leaves its EMAs alone. The EMAs are float32
     whatever the gradient's dtype; every leaf keeps its dtype. Integer, bool, ``None`` and
@@ -339,8 +361,8 @@ def split_magnitude(
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
-        g1 = jnp.asarray(gamma1, jnp.float32)
-        g2 = jnp.asarray(gamma2, jnp.float32)
+        rate1, log1 = _ema_constants(gamma1)
+        rate2, log2 = _ema_constants(gamma2)
         epsilon = jnp.asarray(eps, jnp.float32)
         global_count = safe_increment(state.count)
 
@@ -350,12 +372,12 @@ def split_magnitude(
             n = leaf_norm(g).astype(jnp.float32)
             ok = jnp.logical_and(n > 0, jnp.isfinite(n))
             new_k = jnp.where(ok, safe_increment(k), k)
-            new_a = jnp.where(ok, g1 * a + (1 - g1) * n, a)
-            new_b = jnp.where(ok, g2 * b + (1 - g2) * jnp.square(n), b)
+            new_a = jnp.where(ok, a + rate1 * (n - a), a)
+            new_b = jnp.where(ok, b + rate2 * (jnp.square(n) - b), b)
             exponent = (global_count if shared_count else new_k).astype(jnp.float32)
             # Guarded denominators: 1 - gamma^0 = 0 before a tensor's first update.
-            a_hat = new_a / jnp.where(ok, 1 - jnp.power(g1, exponent), 1)
-            b_hat = new_b / jnp.where(ok, 1 - jnp.power(g2, exponent), 1)
+            a_hat = new_a / jnp.where(ok, -jnp.expm1(exponent * log1), 1)
+            b_hat = new_b / jnp.where(ok, -jnp.expm1(exponent * log2), 1)
             target = a_hat / (safe_sqrt(b_hat) + epsilon)
             scale = jnp.where(ok, target / jnp.where(ok, n, 1), 1)
             return _Leaves((scale_leaf(g, scale), new_a, new_b, new_k))
@@ -511,6 +533,12 @@ class AccumulateState(NamedTuple):
     clip_state: Any
 
 
+def _keep_non_float(zero: Any, incoming: Any) -> Any:
+    """``incoming`` where it is a non-float leaf of ``zero``'s shape and dtype, else ``zero``."""
+    same = jnp.shape(incoming) == zero.shape and jnp.result_type(incoming) == zero.dtype
+    return incoming if same and not is_float_leaf(incoming) else zero
+
+
 def _check_every_k(every_k: Any) -> None:
     if callable(every_k) or is_traced(every_k):
         return
@@ -552,7 +580,8 @@ def accumulate(
     * The mean is reset with a select, so a NaN micro-batch does not poison later steps
       (``MultiSteps`` multiplies by 0, and ``0 * NaN`` is NaN); the step whose mean has the
       NaN still passes it to ``inner``, so put a guard inside to refuse it.
-    * Integer, bool and ``None`` leaves pass through, from the latest micro-batch.
+    * Integer, bool, ``float0`` and ``None`` leaves pass through on every call, from the
+      latest micro-batch (``MultiSteps`` casts them to float32 to average them).
 
     Memory: one float32 per parameter for the mean, plus ``inner``'s and ``clip_each``'s.
 
@@ -628,7 +657,10 @@ def accumulate(
 
         def wait(grads: Any, inner_state: Any) -> Any:
             shapes = jax.eval_shape(inner_update, grads, inner_state)[0]
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+            if jax.tree.structure(zeros) == jax.tree.structure(grads):
+                # Integer, bool and float0 leaves pass through, as on the emitting calls.
+                zeros = jax.tree.map(_keep_non_float, zeros, grads)
             return zeros, inner_state
 
         new_updates, inner_state = jax.lax.cond(emit, step, wait, mean, state.inner_state)
