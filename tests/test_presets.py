@@ -1,0 +1,190 @@
+"""stabilize(): the order of the stack, clip by name (resolved lazily) or transform, options."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import gradsafe as gs
+
+
+def bits(tree):
+    return [np.asarray(x).tobytes() for x in jax.tree.leaves(tree)]
+
+
+def guards_outside_in(state):
+    """Names of the gradsafe states from the outermost inward (metrics keeps tree order)."""
+    names = []
+    for key in gs.metrics(state):
+        name = key.split("/")[0]
+        if name not in names:
+            names.append(name)
+    return names
+
+
+PARAMS = {"w": jnp.array([[0.5, -1.0], [2.0, 0.25]]), "b": jnp.array([0.1, -0.2])}
+
+
+def grads(scale=1.0, bad=None):
+    g = jax.tree.map(lambda x: jnp.cos(x) * scale, PARAMS)
+    if bad is not None:
+        g["b"] = g["b"].at[0].set(bad)
+    return g
+
+
+@pytest.mark.parametrize(
+    "options, order",
+    [
+        ({}, ["skip_nonfinite", "clip_by_global_norm"]),
+        ({"skip_nonfinite": False}, ["clip_by_global_norm"]),
+        ({"skip_spikes": True}, ["skip_on_spike", "clip_by_global_norm"]),
+        ({"loss_scale": True}, ["dynamic_loss_scale", "clip_by_global_norm"]),
+        (
+            {"skip_spikes": {"window": 8, "min_history": 4}, "loss_scale": 1024.0},
+            ["dynamic_loss_scale", "skip_on_spike", "clip_by_global_norm"],
+        ),
+    ],
+)
+def test_order_of_the_stack(options, order):
+    tx = gs.stabilize(optax.sgd(0.1), clip="clip_by_global_norm", **options)
+    assert guards_outside_in(tx.init(PARAMS)) == order
+
+
+def test_equals_the_hand_built_stack():
+    ours = gs.stabilize(
+        optax.adamw(1e-2),
+        clip=gs.clip_by_global_norm(0.5),
+        skip_spikes={"window": 8, "min_history": 4},
+        loss_scale={"init_scale": 8.0, "growth_interval": 3},
+    )
+    hand = gs.dynamic_loss_scale(
+        gs.skip_on_spike(
+            optax.chain(gs.clip_by_global_norm(0.5), optax.adamw(1e-2)), window=8, min_history=4
+        ),
+        init_scale=8.0,
+        growth_interval=3,
+    )
+    s_ours, s_hand = ours.init(PARAMS), hand.init(PARAMS)
+    update_ours, update_hand = jax.jit(ours.update), jax.jit(hand.update)
+    with jax.numpy_dtype_promotion("standard"):  # optax.adamw mixes float and int32
+        for i, bad in enumerate([None, None, jnp.nan, None, jnp.inf, None, None]):
+            g, loss = grads(8.0 * (i + 1), bad), jnp.array(1.0 + i)
+            u_ours, s_ours = update_ours(g, s_ours, PARAMS, value=loss)
+            u_hand, s_hand = update_hand(g, s_hand, PARAMS, value=loss)
+            assert bits(u_ours) == bits(u_hand)
+            assert bits(s_ours) == bits(s_hand)
+
+
+def test_refuses_nonfinite_steps_and_clips():
+    tx = gs.stabilize(optax.sgd(1.0), clip="clip_by_global_norm")
+    state = tx.init(PARAMS)
+    updates, state = tx.update(grads(100.0), state)
+    assert float(gs.global_norm(updates)) == pytest.approx(1.0, rel=1e-6)
+    updates, state = tx.update(grads(1.0, jnp.nan), state)
+    assert all((np.asarray(u) == 0).all() for u in jax.tree.leaves(updates))
+    assert int(gs.metrics(state)["skip_nonfinite/total_skips"]) == 1
+
+
+def test_clip_none_and_a_transform():
+    g = grads(3.0)
+    tx = gs.stabilize(optax.sgd(1.0), clip=None)
+    plain, _ = tx.update(g, tx.init(PARAMS))
+    expected, _ = optax.sgd(1.0).update(g, optax.sgd(1.0).init(PARAMS))
+    assert bits(plain) == bits(expected)
+    tx = gs.stabilize(optax.sgd(1.0), clip=gs.clip_by_value(0.5))
+    updates, _ = tx.update(g, tx.init(PARAMS))
+    assert max(float(jnp.max(jnp.abs(u))) for u in jax.tree.leaves(updates)) == 0.5
+
+
+def test_clip_names_are_resolved_when_stabilize_is_called(monkeypatch):
+    calls = []
+
+    def fresh_clipper(axis_name=None):
+        calls.append(axis_name)
+        return optax.scale(0.5)
+
+    with pytest.raises(ValueError, match="clip"):
+        gs.stabilize(optax.sgd(1.0), clip="fresh_clipper")
+    monkeypatch.setattr(gs, "fresh_clipper", fresh_clipper, raising=False)
+    tx = gs.stabilize(optax.sgd(1.0), clip="fresh_clipper", axis_name="d")
+    assert calls == ["d"]
+    tx = gs.stabilize(optax.sgd(1.0), clip="fresh_clipper")
+    updates, _ = tx.update(grads(2.0), tx.init(PARAMS))
+    np.testing.assert_allclose(updates["b"], -grads(1.0)["b"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["zclip", "autoclip", "adagc", "clip_by_global_norm"])
+def test_named_clippers_build_and_run(name):
+    tx = gs.stabilize(optax.sgd(0.1), clip=name)
+    state = tx.init(PARAMS)
+    update = jax.jit(tx.update)
+    for i in range(3):
+        updates, state = update(grads(i + 1.0), state, PARAMS, value=jnp.array(1.0))
+    assert name in guards_outside_in(state)
+    assert all(np.isfinite(np.asarray(u)).all() for u in jax.tree.leaves(updates))
+
+
+def test_default_clip_is_zclip():
+    tx = gs.stabilize(optax.sgd(0.1))
+    state = tx.init(PARAMS)
+    _, state = tx.update(grads(), state, PARAMS)
+    assert guards_outside_in(state) == ["skip_nonfinite", "zclip"]
+
+
+@pytest.mark.parametrize(
+    "loss_scale, expected",
+    [(True, 2.0**15), ("dynamic", 2.0**15), (256.0, 256.0), ({"init_scale": 4.0}, 4.0)],
+)
+def test_loss_scale_options(loss_scale, expected):
+    tx = gs.stabilize(optax.sgd(0.1), clip=None, loss_scale=loss_scale)
+    assert float(gs.loss_scale(tx.init(PARAMS))) == expected
+
+
+def test_all_devices_refuse_together_under_shard_map():
+    mesh = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+    tx = gs.stabilize(optax.sgd(1.0), clip="clip_by_global_norm", axis_name="d")
+    params = jnp.zeros((8, 3))
+    state = tx.init(params)
+    specs = jax.tree.map(lambda x: P("d") if jnp.ndim(x) == 2 else P(), state)
+    run = jax.jit(
+        jax.shard_map(
+            lambda g, s: tx.update(g, s),
+            mesh=mesh,
+            in_specs=(P("d"), specs),
+            out_specs=(P("d"), specs),
+        )
+    )
+    updates, state = run(jnp.ones((8, 3)).at[2, 0].set(jnp.nan), state)
+    np.testing.assert_array_equal(updates, np.zeros((8, 3)))
+    assert int(gs.metrics(state)["skip_nonfinite/total_skips"]) == 1
+    updates, state = run(jnp.ones((8, 3)), state)
+    # The clip's norm covers all devices: sqrt(24) > 1, so every entry is 1/sqrt(24).
+    np.testing.assert_allclose(updates, -np.full((8, 3), 1 / np.sqrt(24.0)), rtol=1e-6)
+
+
+SGD = optax.sgd(1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"optimizer": "adam"}, "optimizer"),
+        ({"clip": "no_such_clipper"}, "clip"),
+        ({"clip": "_guards"}, "clip"),
+        ({"clip": "SKIP_REASONS"}, "clip"),
+        ({"clip": "metrics"}, "clip"),  # needs arguments
+        ({"clip": 3.0}, "clip"),
+        ({"skip_nonfinite": "yes"}, "skip_nonfinite"),
+        ({"skip_spikes": "yes"}, "skip_spikes"),
+        ({"skip_spikes": {"window": 1}}, "window"),
+        ({"loss_scale": "static"}, "loss_scale"),
+        ({"loss_scale": -1.0}, "init_scale"),
+        ({"axis_name": 5}, "axis_name"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
+    kwargs = {"optimizer": SGD, "clip": "clip_by_global_norm", **kwargs}
+    with pytest.raises(ValueError, match=name):
+        gs.stabilize(kwargs.pop("optimizer"), **kwargs)
