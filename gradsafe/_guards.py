@@ -10,10 +10,12 @@ inner state is not finite.
 How a step is refused: the inner update always runs, and ``jnp.where`` picks the new or the old
 inner state (and the update or zeros). We deliberately do not use ``lax.cond``: refused steps
 are rare, so skipping the inner computation on them saves nothing that matters, while a
-conditional costs on every accepted step (on GPU the predicate is copied to the host before a
-branch is launched, and the state buffers cannot be updated in place across the branches). A
-select fuses into the optimizer's element-wise kernels, behaves the same under ``vmap``,
-``shard_map`` and ``jax.grad``, and keeps the old state exactly (a select copies bits).
+conditional costs on every accepted step (on GPU, XLA usually waits for the predicate on the
+host before it launches a branch, and buffers are harder to update in place across branches).
+A select fuses into the optimizer's element-wise kernels, behaves the same under ``vmap``
+(where a ``lax.cond`` becomes a select anyway), ``shard_map`` and ``jax.grad``, and keeps the
+old state exactly (a select copies bits). The cost is that ``inner`` also runs on refused
+steps, on whatever gradient arrived (its result is discarded).
 
 Every guard's state records ``skipped`` (this step was refused), ``reason`` (an index into
 :data:`SKIP_REASONS`; 0 when accepted), ``consecutive_skips`` and ``total_skips`` (int32,
@@ -270,7 +272,9 @@ def skip_nonfinite(
        checked: they record what was seen and may legitimately be Inf.
 
     A refused step emits zeros and keeps ``inner``'s state bit-identical; an accepted step
-    emits exactly what ``inner`` emits. With ``axis_name`` (inside ``shard_map``/``pmap``) the
+    emits exactly what ``inner`` emits. ``inner`` runs on every step and ``jnp.where`` picks
+    its result or the old state (see the module notes for why not ``lax.cond``). With
+    ``axis_name`` (inside ``shard_map``/``pmap``) the
     checks are combined across devices, so every device refuses together.
 
     Differences from the reference:

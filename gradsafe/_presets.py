@@ -103,6 +103,10 @@ def stabilize(
     * **Clip before the optimizer**: the optimizer's moments see bounded gradients, as
       ``optax.chain(clip_by_global_norm(...), adamw(...))`` does.
 
+    Each guard counts only its own refusals in :func:`gradsafe.metrics` (a spike refused by
+    ``skip_on_spike`` shows as ``skip_on_spike/skipped``, not under ``dynamic_loss_scale``,
+    whose growth tracker counts it as a clean step).
+
     Args:
       optimizer: any Optax optimizer (or transform).
       clip: the name of a gradsafe clipper (``"zclip"``, ``"autoclip"``, ``"adagc"``,
