@@ -114,7 +114,8 @@ class ZClipState(NamedTuple):
       norm: the global norm of this step's gradient, before clipping.
       threshold: the bound in force this step (``max_norm`` during warm-up; ``inf`` if none).
       scale: the factor applied to every leaf.
-      clipped: whether the gradient was scaled down.
+      clipped: whether the norm exceeded the threshold (the torch-style warm-up clip also
+        scales a norm just below ``max_norm`` by :math:`c/(N+10^{-6})`; that is not counted).
       spike: whether this step's norm was flagged as a spike (never during warm-up).
       zscore: :math:`z = (N - \\mu) / (\\sigma + \\epsilon)` (0 during warm-up).
     """
@@ -296,7 +297,7 @@ def zclip(
             norm=x,
             threshold=threshold,
             scale=jax.lax.stop_gradient(scale),
-            clipped=scale < 1,
+            clipped=finite & (x > threshold),
             spike=spike,
             zscore=jnp.where(warming, 0.0, z),
         )
@@ -323,7 +324,8 @@ class AutoClipState(NamedTuple):
       norm: the global norm of this step's gradient, before clipping.
       threshold: the percentile of the history (this step's norm included): the clip bound.
       scale: the factor applied to every leaf.
-      clipped: whether the gradient was scaled down.
+      clipped: whether the norm exceeded the threshold (torch's clip also scales a norm at the
+        threshold by :math:`\\eta/(\\eta+10^{-6})`; that is not counted).
     """
 
     count: jax.Array
@@ -516,7 +518,7 @@ def autoclip(
             norm=x,
             threshold=threshold,
             scale=jax.lax.stop_gradient(scale),
-            clipped=scale < 1,
+            clipped=finite & (x > threshold),
         )
         return scale_tree(updates, scale), new_state
 
