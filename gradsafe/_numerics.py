@@ -84,9 +84,9 @@ def abs_sq(x: jax.Array) -> jax.Array:
 
 
 def safe_sqrt(x: jax.Array) -> jax.Array:
-    """``sqrt(x)`` whose derivative is 0 (not Inf or NaN) at ``x = 0``."""
+    """``sqrt(x)`` whose derivative is 0 (not Inf or NaN) at ``x = 0``; NaN stays NaN."""
     positive = x > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0).astype(x.dtype)
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), x * 0).astype(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------
