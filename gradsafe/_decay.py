@@ -18,7 +18,9 @@ import optax
 
 from gradsafe._metrics import register_stats
 from gradsafe._numerics import (
+    AxisName,
     ScalarOrSchedule,
+    check_axis_name,
     check_scalar,
     global_norm,
     is_traced,
@@ -145,6 +147,7 @@ def cooldown_on_spike(
     recovery_steps: int = 100,
     alpha: float = 0.97,
     warmup_steps: int = 25,
+    axis_name: AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
     """After a gradient-norm spike, shrink the updates and ramp them back up along a cosine.
 
@@ -181,6 +184,8 @@ def cooldown_on_spike(
       recovery_steps: :math:`R \\ge 0`, the steps the cosine ramp back to 1 takes.
       alpha: the EMA weight of the past, in ``(0, 1)``.
       warmup_steps: finite norms to collect before detecting, ``>= 1``.
+      axis_name: inside ``shard_map``/``pmap``, the mesh axis name(s) to reduce the norm over,
+        so every device takes the same decision.
 
     Returns:
       A :class:`optax.GradientTransformationExtraArgs` with :class:`CooldownOnSpikeState`.
@@ -218,6 +223,7 @@ def cooldown_on_spike(
         allow_schedule=False,
     )
     _check_count("warmup_steps", warmup_steps, 1)
+    check_axis_name(axis_name)
 
     def init_fn(params: Any) -> CooldownOnSpikeState:
         del params
@@ -241,7 +247,7 @@ def cooldown_on_spike(
         low = resolve(factor, state.count)
         weight = jnp.asarray(alpha, jnp.float32)
         ramp = jnp.asarray(recovery_steps, jnp.float32)
-        norm = global_norm(updates).astype(jnp.float32)
+        norm = global_norm(updates, axis_name=axis_name).astype(jnp.float32)
         finite = jnp.isfinite(norm)
         warm = state.samples >= jnp.asarray(warmup_steps, jnp.int32)
 

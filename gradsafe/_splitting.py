@@ -24,8 +24,10 @@ import optax
 
 from gradsafe._metrics import register_stats
 from gradsafe._numerics import (
+    AxisName,
     ScalarOrSchedule,
     accumulation_dtype,
+    check_axis_name,
     check_scalar,
     clip_scale,
     global_norm,
@@ -38,7 +40,6 @@ from gradsafe._numerics import (
     safe_sqrt,
     scale_leaf,
     scale_tree,
-    tree_all_finite,
     zero_count,
 )
 from gradsafe._paths import path_str
@@ -117,6 +118,7 @@ def split_clip(
     *,
     residual_decay: ScalarOrSchedule = 1.0,
     max_residual_norm: ScalarOrSchedule | None = None,
+    axis_name: AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Clip, and carry what clipping removed to the next step (U-Clip).
 
@@ -137,7 +139,8 @@ def split_clip(
     computed from the update *after* it is cast back to the gradient's dtype, so float16 and
     bfloat16 rounding is carried as well and the sum above holds to float32 rounding.
 
-    When the incoming gradient has a NaN or Inf it passes through unchanged, so that a guard
+    When the incoming gradient's global norm is not finite (a NaN or Inf entry, or a float32
+    overflow) it passes through unchanged, so that a guard
     (e.g. ``optax.apply_if_finite``) can refuse the step, and the residual is kept as it was,
     never poisoned (the clipper's state still records the step). Integer, bool, ``None`` and
     ``MaskedNode`` leaves pass through and have no residual.
@@ -151,6 +154,8 @@ def split_clip(
         a schedule ``step -> value``. 0 is plain clipping.
       max_residual_norm: the largest global norm of the residual, ``>= 0``, or None for no
         cap; a number or a schedule.
+      axis_name: inside ``shard_map``/``pmap``, the mesh axis name(s) to reduce norms over, so
+        every device takes the same decision (give the clipper the same ``axis_name``).
 
     Returns:
       A :class:`optax.GradientTransformationExtraArgs` with :class:`SplitClipState`.
@@ -178,6 +183,7 @@ def split_clip(
     check_scalar("residual_decay", residual_decay, lower=0.0, upper=1.0)
     if max_residual_norm is not None:
         check_scalar("max_residual_norm", max_residual_norm)
+    check_axis_name(axis_name)
     inner = optax.with_extra_args_support(clipper)
 
     def init_fn(params: Any) -> SplitClipState:
@@ -191,8 +197,8 @@ def split_clip(
 
     def update_fn(updates, state, params=None, **extra_args):
         decay = resolve(residual_decay, state.count)
-        finite = tree_all_finite(updates)
-        norm = global_norm(updates).astype(jnp.float32)
+        norm = global_norm(updates, axis_name=axis_name).astype(jnp.float32)
+        finite = jnp.isfinite(norm)  # the same on every device
 
         def combine(g: Any, r: Any) -> Any:
             return g.astype(r.dtype) + scale_leaf(r, decay) if is_float_leaf(g) else g
@@ -211,7 +217,7 @@ def split_clip(
             return jnp.where(finite, v - u.astype(v.dtype), old)
 
         residual = jax.tree.map(carry, updates, state.residual, combined, applied)
-        residual_norm = global_norm(residual).astype(jnp.float32)
+        residual_norm = global_norm(residual, axis_name=axis_name).astype(jnp.float32)
         if max_residual_norm is not None:
             cap = resolve(max_residual_norm, state.count)
             scale = clip_scale(residual_norm, cap)
@@ -277,6 +283,7 @@ def split_magnitude(
     *,
     eps: float = 1e-8,
     shared_count: bool = False,
+    axis_name: AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Keep each tensor's gradient direction; replace its norm by a smoothed estimate (AdaGN).
 
@@ -318,6 +325,8 @@ def split_magnitude(
       gamma2: :math:`\\gamma_2 \\in [0, 1)`, the EMA rate of the squared norm.
       eps: :math:`\\epsilon \\ge 0`, added to :math:`\\sqrt{\\hat b}`.
       shared_count: bias-correct with the global step count instead of per-tensor counters.
+      axis_name: inside ``shard_map``/``pmap``, the mesh axis name(s) over which a tensor is
+        sharded, so its norm is the whole tensor's.
 
     Returns:
       A :class:`optax.GradientTransformationExtraArgs` with :class:`SplitMagnitudeState`.
@@ -343,6 +352,7 @@ def split_magnitude(
     check_scalar("eps", eps, allow_schedule=False)
     if not isinstance(shared_count, bool):
         raise ValueError(f"shared_count must be a bool, got {shared_count!r}")
+    check_axis_name(axis_name)
 
     def scalar_per_leaf(params: Any, dtype: Any) -> Any:
         return jax.tree.map(
@@ -369,7 +379,7 @@ def split_magnitude(
         def adagn(g: Any, a: Any, b: Any, k: Any) -> Any:
             if not is_float_leaf(g):
                 return _Leaves((g, a, b, k))
-            n = leaf_norm(g).astype(jnp.float32)
+            n = leaf_norm(g, axis_name=axis_name).astype(jnp.float32)
             ok = jnp.logical_and(n > 0, jnp.isfinite(n))
             new_k = jnp.where(ok, safe_increment(k), k)
             new_a = jnp.where(ok, a + rate1 * (n - a), a)
@@ -385,8 +395,8 @@ def split_magnitude(
         new_updates, mu, nu, ema_count = _unzip(
             jax.tree.map(adagn, updates, state.mu, state.nu, state.ema_count), 4
         )
-        norm = global_norm(updates).astype(jnp.float32)
-        out_norm = global_norm(new_updates).astype(jnp.float32)
+        norm = global_norm(updates, axis_name=axis_name).astype(jnp.float32)
+        out_norm = global_norm(new_updates, axis_name=axis_name).astype(jnp.float32)
         ok = jnp.logical_and(norm > 0, jnp.isfinite(norm))
         ratio = jnp.where(ok, out_norm / jnp.where(ok, norm, 1), 1)
         new_state = SplitMagnitudeState(

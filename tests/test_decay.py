@@ -282,6 +282,7 @@ BAD_ARGUMENTS = [
     ("alpha", lambda: gs.cooldown_on_spike(alpha=lambda step: 0.9)),
     ("warmup_steps", lambda: gs.cooldown_on_spike(warmup_steps=0)),
     ("warmup_steps", lambda: gs.cooldown_on_spike(warmup_steps=True)),
+    ("axis_name", lambda: gs.cooldown_on_spike(axis_name=0)),
 ]
 
 
@@ -383,3 +384,33 @@ def test_cooldown_under_inject_hyperparams():
     injected, _ = run_steps(optax.inject_hyperparams(gs.cooldown_on_spike)(**kwargs), grads)
     for a, b in zip(plain, injected, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_cooldown_shard_map_gives_the_single_device_result():
+    from jax.sharding import PartitionSpec as P
+
+    rng = np.random.default_rng(3)
+    grads = [
+        {"a": jnp.asarray(rng.normal(size=(16, 2)) * s, jnp.float32), "b": jnp.ones(3)}
+        for s in [1.0] * 6 + [40.0, 1.0, 1.0, 30.0, 1.0]
+    ]
+    kwargs = {"warmup_steps": 4, "recovery_steps": 3}
+    _, single = run_steps(gs.cooldown_on_spike(**kwargs), grads)
+    assert sum(bool(s.spike) for s in single) == 2
+    mesh = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+    tx = gs.cooldown_on_spike(axis_name="d", **kwargs)
+    state = tx.init(grads[0])
+    grad_specs = {"a": P("d"), "b": P()}
+    state_specs = jax.tree.map(lambda _: P(), state)
+    step = jax.jit(
+        jax.shard_map(
+            tx.update,
+            mesh=mesh,
+            in_specs=(grad_specs, state_specs),
+            out_specs=(grad_specs, state_specs),
+        )
+    )
+    for g, expected in zip(grads, single, strict=True):
+        g = jax.tree.map(lambda x, s: jax.device_put(x, jax.NamedSharding(mesh, s)), g, grad_specs)
+        _, state = step(g, state)
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5), state, expected)

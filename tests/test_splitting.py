@@ -562,6 +562,8 @@ BAD_ARGUMENTS = [
     ("gamma2", lambda: gs.split_magnitude(gamma2=-0.5)),
     ("eps", lambda: gs.split_magnitude(eps=-1e-8)),
     ("shared_count", lambda: gs.split_magnitude(shared_count=1)),
+    ("axis_name", lambda: gs.split_magnitude(axis_name=3)),
+    ("axis_name", lambda: gs.split_clip(axis_name=("d", ""))),
     ("rules", lambda: gs.split_by_path("kernel")),
     ("rules", lambda: gs.split_by_path({"[unclosed": optax.identity()})),
     ("rules", lambda: gs.split_by_path({"kernel": "adam"})),
@@ -710,3 +712,49 @@ def test_inject_hyperparams_with_numeric_hyperparameters():
         ours, _ = run_steps(injected, grads)
         for a, b in zip(plain, ours, strict=True):
             assert_trees_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------
+# shard_map on 8 devices
+# ------------------------------------------------------------------------------------------
+
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+SHARDED = {
+    "split_clip": lambda axis=None: gs.split_clip(
+        gs.clip_by_global_norm(1.0, axis_name=axis), max_residual_norm=3.0, axis_name=axis
+    ),
+    "split_magnitude": lambda axis=None: gs.split_magnitude(axis_name=axis),
+}
+
+
+@pytest.mark.parametrize("name", SHARDED)
+def test_shard_map_gives_the_single_device_result(name):
+    """Leaf ``a`` sharded over 8 devices, ``b`` replicated (counted once in the norms)."""
+    grads = random_grads(13, 6, {"a": (16, 3), "b": (5,)}, scale=0.5, spikes=(2, 4))
+    grads[3] = {"a": grads[3]["a"].at[1, 1].set(jnp.nan), "b": grads[3]["b"]}
+    single, single_state = run_steps(SHARDED[name](), grads)
+    mesh = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+    tx = SHARDED[name]("d")
+    state = tx.init(grads[0])
+    grad_specs = {"a": P("d"), "b": P()}
+    state_specs = jax.tree.map(lambda _: P(), state)
+    if name == "split_clip":
+        state_specs = state_specs._replace(residual=grad_specs)
+    step = jax.jit(
+        jax.shard_map(
+            tx.update,
+            mesh=mesh,
+            in_specs=(grad_specs, state_specs),
+            out_specs=(grad_specs, state_specs),
+        )
+    )
+
+    def put(tree, specs):
+        return jax.tree.map(lambda x, s: jax.device_put(x, jax.NamedSharding(mesh, s)), tree, specs)
+
+    state = put(state, state_specs)
+    for g, expected in zip(grads, single, strict=True):
+        updates, state = step(put(g, grad_specs), state)
+        assert_trees_close(updates, expected, rtol=2e-5, atol=1e-7)
+    assert_trees_close(state, single_state, rtol=2e-5, atol=1e-7)
