@@ -315,9 +315,15 @@ def safe_increment(count: jax.Array) -> jax.Array:
 def resolve(
     hyperparameter: ScalarOrSchedule, count: jax.Array, dtype: Any = jnp.float32
 ) -> jax.Array:
-    """The value of a number, array or schedule ``step -> value`` at step ``count``."""
-    value = hyperparameter(count) if callable(hyperparameter) else hyperparameter
-    return jnp.asarray(value, dtype)
+    """The value of a number, array or schedule ``step -> value`` at step ``count``.
+
+    Schedules run under standard dtype promotion: Optax's mix int32 steps with Python floats,
+    which a user's ``jax_numpy_dtype_promotion="strict"`` would otherwise reject.
+    """
+    if callable(hyperparameter):
+        with jax.numpy_dtype_promotion("standard"):
+            return jnp.asarray(hyperparameter(count), dtype)
+    return jnp.asarray(hyperparameter, dtype)
 
 
 def check_scalar(
