@@ -470,6 +470,11 @@ def autoclip(
             history = jnp.full([5], _INF, _F32)
             positions = jnp.arange(1, 6, dtype=jnp.int32)
         else:
+            if is_traced(window):
+                raise ValueError(
+                    "window sets the shape of the state: list it in static_args of "
+                    "optax.inject_hyperparams"
+                )
             history = jnp.zeros([int(np.asarray(window))], _F32)
             positions = jnp.zeros([0], jnp.int32)
         zero = jnp.zeros([], _F32)

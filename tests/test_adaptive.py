@@ -145,6 +145,12 @@ def test_inject_hyperparams_gives_the_same_numbers(factory, kwargs, static):
     assert numeric - {"max_norm"} <= set(states[-1].hyperparams)
 
 
+def test_injected_window_must_be_static():
+    tx = optax.inject_hyperparams(gs.autoclip)(percentile=10.0, window=8)
+    with pytest.raises(ValueError, match="window"):
+        jax.jit(tx.init)(jnp.zeros(2))
+
+
 def test_injected_z_thresh_can_be_changed_mid_run():
     grads = sequence(26)
     tx = optax.inject_hyperparams(gs.zclip)(max_norm=None, warmup_steps=5, z_thresh=2.0)
