@@ -5,11 +5,12 @@ in a real training step: the output then reuses the input's memory, so the time 
 the arithmetic and memory traffic of the transform, not the allocation of a fresh output tree.
 The output of each call is fed back as the next call's gradient, so one tree stays alive.
 
-For every tree shape, the gradsafe transform, its baseline and a donated copy (``x * 1``) run
-alternately, ``--repeats`` times each; the medians are reported. The copy reads and writes the
-tree once, which gives the memory bandwidth of this machine in this run; a transform that must
-move ``k`` bytes per gradient byte cannot be faster than ``k * tree_bytes / bandwidth`` (the
-memory bound), and ``bound %`` says how close it gets (100% = at the bound).
+For every tree shape, the gradsafe transform, its baseline and a donated copy (``x * s`` with a
+run-time ``s = 1``) run alternately, ``--repeats`` times each; the medians are reported. The
+copy reads and writes the tree once, which gives the memory bandwidth of this machine in this
+run; a transform that must move ``k`` bytes per gradient byte cannot be faster than
+``k * tree_bytes / bandwidth`` (the memory bound), and ``bound %`` says how close it gets
+(100% = at the bound).
 
 Run::
 
@@ -151,11 +152,12 @@ def compile_step(tx: optax.GradientTransformation) -> Callable[..., Any]:
 
 
 def compile_copy() -> Callable[..., Any]:
-    """A donated ``x * 1`` on every leaf: one read and one write of the tree."""
+    """A donated ``x * s`` on every leaf, ``s = 1`` known only at run time (XLA would remove a
+    constant ``x * 1``): one read and one write of the tree. ``s`` rides in the state slot."""
 
-    def copy(grads, state, params):
+    def copy(grads, scale, params):
         del params
-        return jax.tree.map(lambda x: x * jnp.ones((), x.dtype), grads), state
+        return jax.tree.map(lambda x: x * scale.astype(x.dtype), grads), scale
 
     return jax.jit(copy, donate_argnums=(0,))
 
@@ -211,7 +213,7 @@ def run_size(spec: str, entries: list[Entry], repeats: int, warmup: int) -> dict
         functions = {
             "gradsafe": (compile_step(gradsafe_tx), gradsafe_tx.init(grads)),
             "baseline": (compile_step(baseline_tx), baseline_tx.init(grads)),
-            "copy": (copy, None),
+            "copy": (copy, jnp.ones((), jnp.float32)),
         }
         start = time.perf_counter()
         entry_params = params if entry.needs_params else None
@@ -309,7 +311,8 @@ def markdown(report: dict[str, Any]) -> str:
         "## Memory bound (bound time / measured time; 100% = at the copy bandwidth)",
         "",
         "The bound is `passes * tree bytes / bandwidth`, with the bandwidth from a donated"
-        " `x * 1` (one read and one write of the tree) timed alternately with the transforms;"
+        " `x * s` (`s = 1` given at run time; one read and one write of the tree) timed"
+        " alternately with the transforms;"
         " `passes` is the least number of tree-sized reads and writes the transform needs"
         " (2: element-wise; 3: a norm, then a scale; 4: AGC, which also reads the parameters).",
         "",
