@@ -152,7 +152,7 @@ def guard_verdicts(state):
 def test_fault_injection_campaign(name):
     tx, step = train_step(name)
     rng = np.random.default_rng(sum(map(ord, name)))
-    runs, steps = 6, 25
+    runs, steps = 5, 24
     refusals = 0
     for _ in range(runs):
         params, state = PARAMS, tx.init(PARAMS)
@@ -210,12 +210,12 @@ def test_clean_run_is_unchanged_by_the_wrapper(name):
     # The same compiled gradient for both; only the optimizer update differs.
     grad = jax.jit(lambda p, scale: jax.grad(lambda q: mse(q) * scale)(p))
     update, bare_update = jax.jit(tx.update), jax.jit(bare.update)
-    apply = jax.jit(optax.apply_updates)
+    apply, loss = jax.jit(optax.apply_updates), jax.jit(mse)
     params, state = PARAMS, tx.init(PARAMS)
     bare_params, bare_state = PARAMS, bare.init(PARAMS)
-    for _ in range(20):
+    for _ in range(15):
         grads = grad(params, gs.loss_scale(state))
-        updates, state = update(grads, state, params, value=mse(params))
+        updates, state = update(grads, state, params, value=loss(params))
         params = apply(params, updates)
         assert not bool(state.skipped)
         bare_grads = grad(bare_params, jnp.float32(1))
@@ -229,7 +229,7 @@ def test_clean_run_is_unchanged_by_the_wrapper(name):
         close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-8)
         jax.tree.map(close, params, bare_params)
         jax.tree.map(close, state.inner_state, bare_state)
-        assert float(gs.loss_scale(state)) == 2.0**15 * 2**4  # grew every 5 clean steps
+        assert float(gs.loss_scale(state)) == 2.0**15 * 2**3  # grew every 5 clean steps
     else:
         assert bits(params) == bits(bare_params)
         assert bits(state.inner_state) == bits(bare_state)
