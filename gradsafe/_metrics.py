@@ -10,7 +10,8 @@ plus its own. A state class declares which of its fields are stats with :func:`r
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -19,12 +20,13 @@ from gradsafe._numerics import global_norm, is_float_leaf
 from gradsafe._paths import leaves_with_paths
 
 _STATS: dict[type, tuple[str, tuple[str, ...]]] = {}
+_StateClass = TypeVar("_StateClass", bound=type)
 
 
-def register_stats(name: str, *fields: str):
+def register_stats(name: str, *fields: str) -> Callable[[_StateClass], _StateClass]:
     """Class decorator: the state of transform ``name``, whose ``fields`` are scalar stats."""
 
-    def decorate(cls: type) -> type:
+    def decorate(cls: _StateClass) -> _StateClass:
         _STATS[cls] = (name, fields)
         return cls
 

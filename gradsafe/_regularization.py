@@ -106,7 +106,7 @@ def _check_bool(name: str, value: Any) -> None:
 
 def _resolver(
     hyperparams: tuple[ScalarOrSchedule | None, ...], count: jax.Array
-) -> Callable[[Any], list[jax.Array | None]]:
+) -> Callable[[Any], list[Any]]:
     """``dtype -> hyperparameter values at step count in dtype`` (float64 leaves under x64 get
     float64 values, not float32 ones cast up); each dtype is resolved once."""
     cache: dict[Any, list[jax.Array | None]] = {}
@@ -355,8 +355,8 @@ class ProxGroupLassoState(NamedTuple):
 
 def _proximal_step(
     state_cls: type,
-    threshold_fn: Callable[[jax.Array], jax.Array],
-    leaf_fn: Callable[[jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]],
+    threshold_fn: Callable[..., jax.Array],
+    leaf_fn: Callable[[jax.Array, jax.Array, jax.Array, list[Any]], tuple[jax.Array, jax.Array]],
     learning_rate: ScalarOrSchedule,
     *hyperparams: ScalarOrSchedule,
 ) -> optax.GradientTransformationExtraArgs:
