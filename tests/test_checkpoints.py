@@ -20,7 +20,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from flax import serialization
+from flax import nnx, serialization
 
 import gradsafe as gs
 
@@ -349,3 +349,73 @@ def test_resumed_run_matches_uninterrupted_run(name, tmp_path):
         np.asarray(a).tobytes() != np.asarray(b).tobytes()
         for a, b in zip(final_leaves, interrupted_leaves, strict=True)
     ), f"{name}: the state did not change after step {RESUME_AT}"
+
+
+# --------------------------------------------------------------------------------------------
+# flax.nnx: the Optimizer's state through orbax, as the NNX docs do it
+# --------------------------------------------------------------------------------------------
+
+
+class _Regressor(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.hidden = nnx.Linear(3, 4, rngs=rngs)
+        self.out = nnx.Linear(4, 1, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.out(nnx.relu(self.hidden(x)))
+
+
+@nnx.jit
+def _nnx_train_step(model: _Regressor, optimizer: nnx.Optimizer, x: jax.Array, y: jax.Array):
+    def loss_fn(m: _Regressor) -> jax.Array:
+        return jnp.mean(jnp.square(m(x) - y))
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads, value=loss)
+    return loss
+
+
+def _nnx_batch(step: int) -> tuple[jax.Array, jax.Array]:
+    x = jax.random.normal(jax.random.key(2000 + step), (8, 3), jnp.float32)
+    y = jnp.sum(x, axis=1, keepdims=True) * (50.0 if step in SPIKE_STEPS else 1.0)
+    return x, y
+
+
+def test_nnx_optimizer_resumes_bit_for_bit_from_orbax(tmp_path):
+    tx = gs.stabilize(
+        _adam(), clip=gs.zclip(warmup_steps=2), skip_spikes={"window": 4, "min_history": 2}
+    )
+
+    def build() -> tuple[_Regressor, nnx.Optimizer]:
+        model = _Regressor(nnx.Rngs(0))
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    def train(model: _Regressor, optimizer: nnx.Optimizer, steps: range) -> list[jax.Array]:
+        return [_nnx_train_step(model, optimizer, *_nnx_batch(step)) for step in steps]
+
+    model, optimizer = build()
+    reference_losses = train(model, optimizer, range(STEPS))
+    reference = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
+    refusals = int(gs.metrics(optimizer.opt_state)["skip_on_spike/total_skips"])
+
+    model, optimizer = build()
+    train(model, optimizer, range(RESUME_AT))
+    # A spike is refused on each side of the interruption.
+    assert 0 < int(gs.metrics(optimizer.opt_state)["skip_on_spike/total_skips"]) < refusals
+    path = tmp_path / "nnx"
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path, {"model": nnx.state(model), "optimizer": nnx.state(optimizer)})
+        checkpointer.wait_until_finished()
+        abstract_model, abstract_optimizer = nnx.eval_shape(build)
+        target = {"model": nnx.state(abstract_model), "optimizer": nnx.state(abstract_optimizer)}
+        restored = checkpointer.restore(path, target)
+
+    model, optimizer = build()  # a fresh process: new objects, then the checkpoint on top
+    nnx.update(model, restored["model"])
+    nnx.update(optimizer, restored["optimizer"])
+    assert int(optimizer.step[...]) == RESUME_AT
+    resumed_losses = train(model, optimizer, range(RESUME_AT, STEPS))
+
+    _assert_bitwise_equal(resumed_losses, reference_losses[RESUME_AT:], "nnx: losses")
+    resumed = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
+    _assert_bitwise_equal(resumed, reference, "nnx: model and optimizer state")
