@@ -1,0 +1,65 @@
+"""Every example script runs end to end in its --quick size, as a user would run it.
+
+Each runs in a subprocess (a fresh interpreter: ``sharded_train.py`` must configure its 8 CPU
+devices before JAX starts) from a temporary directory, and must exit 0, print its verdict and
+write a PNG where ``--out`` says.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# script -> lines its --quick run must print (its verdict and the numbers behind it)
+EXPECTED = {
+    "flax_nnx_train.py": ["SURVIVED", "steps refused (non-finite): 1", "zclip/norm="],
+    "flax_linen_train.py": ["OK", "refused=True (loss_spike)", "test accuracy"],
+    "sharded_train.py": ["EQUAL", "shard_map + axis_name", "P(None, 'model')"],
+    "mixed_precision.py": ["OK", "float16 + scaling", "overflow steps refused"],
+    "sparse_regression.py": ["SUPPORT RECOVERED", "sgd + prox_l1 (ISTA)"],
+}
+
+
+def run_example(script: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MPLBACKEND": "Agg", "TQDM_DISABLE": "1"}
+    env.pop("XLA_FLAGS", None)  # the script decides its own device count
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize("script", sorted(EXPECTED))
+def test_example_quick_run(script, tmp_path):
+    out = tmp_path / "plots" / "figure.png"
+    out.parent.mkdir()
+    result = run_example(script, tmp_path, "--quick", "--out", str(out))
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log
+    for line in EXPECTED[script]:
+        assert line in result.stdout, f"{line!r} missing from the output of {script}:\n{log}"
+    assert "NOT" not in result.stdout.splitlines()[-1], log
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    assert f"plot saved to {out}" in result.stdout
+
+
+def test_examples_reject_bad_arguments(tmp_path):
+    """argparse errors (exit 2) name the argument, and nothing is written."""
+    result = run_example("sparse_regression.py", tmp_path, "--steps", "0")
+    assert result.returncode == 2
+    assert "--steps" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_example_is_tested():
+    scripts = {p.name for p in EXAMPLES.glob("*.py")} - {"quickstart.py"}  # own test file
+    assert scripts == set(EXPECTED)
