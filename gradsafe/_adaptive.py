@@ -23,11 +23,14 @@ import optax
 
 from gradsafe._metrics import register_stats
 from gradsafe._numerics import (
+    TORCH_NORM_EPS,
     AxisName,
     ScalarOrSchedule,
     abs_sq,
     accumulation_dtype,
     check_axis_name,
+    check_choice,
+    check_int,
     check_scalar,
     float_leaves,
     global_norm,
@@ -41,35 +44,12 @@ from gradsafe._numerics import (
     safe_sqrt,
     scale_leaf,
     scale_tree,
+    torch_clip_scale,
     zero_count,
 )
 
-# The epsilon PyTorch's clip_grad_norm_ (and ZClip's in-place clipping) add to the norm.
-TORCH_NORM_EPS = 1e-6
 _F32 = jnp.float32
 _INF = float("inf")
-
-
-def _check_int(name: str, value: Any, lower: int, *, allow_none: bool = False) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is an integer ``>= lower``."""
-    if value is None and allow_none:
-        return
-    if is_traced(value):
-        return
-    array = np.asarray(value) if not isinstance(value, bool) else None
-    if (
-        array is None
-        or array.shape != ()
-        or not np.issubdtype(array.dtype, np.integer)
-        or int(array) < lower
-    ):
-        expected = f"an integer >= {lower}" + (" or None" if allow_none else "")
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 def _f32(x: Any) -> jax.Array:
@@ -82,11 +62,6 @@ def _one_minus(hyperparameter: ScalarOrSchedule, count: jax.Array) -> jax.Array:
     if isinstance(hyperparameter, (int, float)) and not isinstance(hyperparameter, bool):
         return jnp.asarray(1.0 - float(hyperparameter), _F32)
     return 1 - resolve(hyperparameter, count)
-
-
-def _torch_clip_scale(norm: jax.Array, max_norm: jax.Array) -> jax.Array:
-    """``torch.nn.utils.clip_grad_norm_``'s factor ``min(1, c / (N + 1e-6))`` (finite N)."""
-    return jnp.minimum(1.0, max_norm / (norm + TORCH_NORM_EPS))
 
 
 def _clip_to(norm: jax.Array, threshold: jax.Array) -> jax.Array:
@@ -216,9 +191,9 @@ def zclip(
     if max_norm is not None:
         check_scalar("max_norm", max_norm)
     check_scalar("eps", eps, lower=0.0, lower_inclusive=False)
-    _check_int("warmup_steps", warmup_steps, 0)
-    _check_choice("mode", mode, ("zscore", "percentile"))
-    _check_choice("clip_option", clip_option, ("adaptive_scaling", "mean"))
+    check_int("warmup_steps", warmup_steps, lower=0)
+    check_choice("mode", mode, ("zscore", "percentile"))
+    check_choice("clip_option", clip_option, ("adaptive_scaling", "mean"))
     check_scalar("clip_factor", clip_factor, lower=0.0, lower_inclusive=False)
     check_axis_name(axis_name)
 
@@ -283,7 +258,7 @@ def zclip(
 
         threshold = jnp.where(warming, cap, jnp.minimum(jnp.where(spike, adaptive, _INF), cap))
         threshold = jax.lax.stop_gradient(threshold)
-        warm_scale = jnp.ones([], _F32) if max_norm is None else _torch_clip_scale(norm, threshold)
+        warm_scale = jnp.ones([], _F32) if max_norm is None else torch_clip_scale(norm, threshold)
         scale = jnp.where(warming, warm_scale, _clip_to(norm, threshold))
         scale = jnp.where(finite, scale, 1.0)
 
@@ -461,7 +436,7 @@ def autoclip(
       without storing observations <https://doi.org/10.1145/4372.4378>`_, CACM 1985.
     """
     check_scalar("percentile", percentile, lower=0.0, upper=100.0)
-    _check_int("window", window, 1, allow_none=True)
+    check_int("window", window, lower=1, allow_none=True)
     check_axis_name(axis_name)
 
     def init_fn(params: Any) -> AutoClipState:
@@ -514,7 +489,7 @@ def autoclip(
             positions = jnp.where(finite, positions, state.positions)
             threshold = _p2_estimate(history, samples, q)
         threshold = jax.lax.stop_gradient(threshold)
-        scale = jnp.where(finite, _torch_clip_scale(norm, threshold), 1.0)
+        scale = jnp.where(finite, torch_clip_scale(norm, threshold), 1.0)
         new_state = AutoClipState(
             count=safe_increment(state.count),
             samples=samples,
@@ -627,9 +602,9 @@ def adagc(
     """
     check_scalar("relative", relative, lower=0.0, lower_inclusive=False)
     check_scalar("beta", beta, lower=0.0, upper=1.0, upper_inclusive=False)
-    _check_int("warmup_steps", warmup_steps, 0)
+    check_int("warmup_steps", warmup_steps, lower=0)
     check_scalar("warmup_max_norm", warmup_max_norm)
-    _check_choice("scope", scope, ("leaf", "global"))
+    check_choice("scope", scope, ("leaf", "global"))
     check_scalar("eps", eps, lower=0.0, lower_inclusive=False)
     check_axis_name(axis_name)
 
@@ -792,8 +767,8 @@ def spike_clip(
     """
     check_scalar("threshold", threshold, lower=0.0, lower_inclusive=False)
     check_scalar("beta2", beta2, lower=0.0, upper=1.0, upper_inclusive=False)
-    _check_int("warmup_steps", warmup_steps, 0)
-    _check_int("reset_interval", reset_interval, 1, allow_none=True)
+    check_int("warmup_steps", warmup_steps, lower=0)
+    check_int("reset_interval", reset_interval, lower=1, allow_none=True)
     check_axis_name(axis_name)
 
     def init_fn(params: Any) -> SpikeClipState:

@@ -20,6 +20,7 @@ from gradsafe._numerics import (
     ScalarOrSchedule,
     abs_sq,
     check_axis_name,
+    check_choice,
     check_norm_type,
     check_scalar,
     clip_scale,
@@ -34,11 +35,10 @@ from gradsafe._numerics import (
     safe_sqrt,
     scale_leaf,
     scale_tree,
+    torch_clip_scale,
     zero_count,
 )
 
-# PyTorch's clip_grad_norm_ adds this to the norm before dividing.
-TORCH_NORM_EPS = 1e-6
 # Optax's unitwise_clip floor on the gradient's unit norm.
 AGC_DIV_EPS = 1e-6
 
@@ -205,8 +205,7 @@ def clip_by_global_norm(
     check_scalar("max_norm", max_norm)
     check_norm_type(norm_type)
     check_axis_name(axis_name)
-    if semantics not in ("optax", "torch"):
-        raise ValueError(f"semantics must be 'optax' or 'torch', got {semantics!r}")
+    check_choice("semantics", semantics, ("optax", "torch"))
 
     def init_fn(params: Any) -> ClipByGlobalNormState:
         del params
@@ -217,7 +216,7 @@ def clip_by_global_norm(
         threshold = resolve(max_norm, state.count)
         norm = global_norm(updates, norm_type, axis_name=axis_name)
         if semantics == "torch":
-            scale = jnp.minimum(1, threshold.astype(norm.dtype) / (norm + TORCH_NORM_EPS))
+            scale = torch_clip_scale(norm, threshold)
         else:
             scale = clip_scale(norm, threshold)
         new_state = ClipByGlobalNormState(

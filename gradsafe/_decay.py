@@ -21,9 +21,9 @@ from gradsafe._numerics import (
     AxisName,
     ScalarOrSchedule,
     check_axis_name,
+    check_int,
     check_scalar,
     global_norm,
-    is_traced,
     resolve,
     safe_increment,
     safe_sqrt,
@@ -128,18 +128,6 @@ class CooldownOnSpikeState(NamedTuple):
     samples: jax.Array
 
 
-def _check_count(name: str, value: Any, lower: int) -> None:
-    """``value`` must be an integer >= ``lower`` (a traced value is checked at run time)."""
-    if is_traced(value):
-        return
-    message = f"{name} must be an integer >= {lower}, got {value!r}"
-    if isinstance(value, bool):
-        raise ValueError(message)
-    array = np.asarray(value)
-    if array.shape != () or not np.issubdtype(array.dtype, np.integer) or int(array) < lower:
-        raise ValueError(message)
-
-
 def cooldown_on_spike(
     *,
     z_thresh: ScalarOrSchedule = 4.0,
@@ -213,7 +201,7 @@ def cooldown_on_spike(
     """
     check_scalar("z_thresh", z_thresh, lower_inclusive=False)
     check_scalar("factor", factor, upper=1.0)
-    _check_count("recovery_steps", recovery_steps, 0)
+    check_int("recovery_steps", recovery_steps, lower=0)
     check_scalar(
         "alpha",
         alpha,
@@ -222,7 +210,7 @@ def cooldown_on_spike(
         upper_inclusive=False,
         allow_schedule=False,
     )
-    _check_count("warmup_steps", warmup_steps, 1)
+    check_int("warmup_steps", warmup_steps, lower=1)
     check_axis_name(axis_name)
 
     def init_fn(params: Any) -> CooldownOnSpikeState:

@@ -32,12 +32,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradsafe._metrics import _STATS, metrics, register_stats
+from gradsafe._metrics import metrics, register_stats, stats_fields
 from gradsafe._numerics import (
     AxisName,
     accumulation_dtype,
     check_axis_name,
+    check_int,
     check_scalar,
+    check_transform,
     float_leaves,
     global_norm,
     is_float_leaf,
@@ -70,17 +72,8 @@ _WATCHABLE = ("loss", "norm")
 
 
 def _check_inner(inner: Any) -> optax.GradientTransformationExtraArgs:
-    if not (callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None))):
-        raise ValueError(f"inner must be an optax GradientTransformation, got {inner!r}")
+    check_transform("inner", inner)
     return optax.with_extra_args_support(inner)
-
-
-def _check_int(name: str, value: Any, lower: int, upper: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < lower or (upper is not None and value > upper):
-        bounds = f"[{lower}, {'inf' if upper is None else upper}]"
-        raise ValueError(f"{name} must be an integer in {bounds}, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,14 +104,13 @@ def _without_stats(state: Any) -> Any:
     """
 
     def strip(node: Any) -> Any:
-        entry = _STATS.get(type(node))
-        if entry is None:
+        fields = stats_fields(node)
+        if fields is None:
             return node
-        fields = entry[1]
         values = [None if f in fields else _without_stats(getattr(node, f)) for f in node._fields]
         return type(node)(*values)
 
-    return jax.tree.map(strip, state, is_leaf=lambda x: type(x) in _STATS)
+    return jax.tree.map(strip, state, is_leaf=lambda x: stats_fields(x) is not None)
 
 
 def _went_nonfinite(old: Any, new: Any, axis_name: AxisName) -> jax.Array:
@@ -474,8 +466,8 @@ def skip_on_spike(
     """
     inner = _check_inner(inner)
     check_scalar("sigma", sigma, lower=0.0, lower_inclusive=False, allow_schedule=False)
-    _check_int("window", window, 2)
-    _check_int("min_history", min_history, 2, window)
+    check_int("window", window, lower=2)
+    check_int("min_history", min_history, lower=2, upper=window)
     if isinstance(watch, str):
         watch = (watch,)
     watch = tuple(watch) if isinstance(watch, (tuple, list)) else watch
@@ -688,13 +680,13 @@ def dynamic_loss_scale(
     check_scalar("init_scale", init_scale, lower=0.0, lower_inclusive=False, allow_schedule=False)
     if float(np.asarray(init_scale)) < float(np.asarray(min_scale)):
         raise ValueError(f"init_scale must be >= min_scale={min_scale!r}, got {init_scale!r}")
-    _check_int("growth_interval", growth_interval, 1)
+    check_int("growth_interval", growth_interval, lower=1)
     check_scalar("growth_factor", growth_factor, lower=1.0, allow_schedule=False)
     check_scalar(
         "backoff_factor", backoff_factor, lower=0.0, lower_inclusive=False, upper=1.0,
         allow_schedule=False,
     )  # fmt: skip
-    _check_int("hysteresis", hysteresis, 1)
+    check_int("hysteresis", hysteresis, lower=1)
     check_axis_name(axis_name)
 
     def init_fn(params: Any) -> DynamicLossScaleState:

@@ -33,6 +33,12 @@ def register_stats(name: str, *fields: str) -> Callable[[_StateClass], _StateCla
     return decorate
 
 
+def stats_fields(node: Any) -> tuple[str, ...] | None:
+    """The stats fields of a registered gradsafe state, or None for anything else."""
+    entry = _STATS.get(type(node))
+    return None if entry is None else entry[1]
+
+
 def _unwrap(value: Any) -> Any:
     """The array inside a flax ``nnx.Variable`` (``nnx.Optimizer`` state), or ``value``."""
     if hasattr(value, "get_value"):

@@ -277,6 +277,18 @@ def clip_scale(norm: jax.Array, threshold: jax.Array) -> jax.Array:
     return jnp.where(keep, jnp.ones_like(norm), threshold / jnp.where(keep, 1, norm))
 
 
+# PyTorch's clip_grad_norm_ adds this to the norm before dividing (ZClip and AutoClip too).
+TORCH_NORM_EPS = 1e-6
+
+
+def torch_clip_scale(norm: jax.Array, threshold: jax.Array) -> jax.Array:
+    """``torch.nn.utils.clip_grad_norm_``'s factor ``min(1, c / (N + 1e-6))``, always applied.
+
+    A NaN norm gives NaN and an infinite one gives 0, as in PyTorch.
+    """
+    return jnp.minimum(1, jnp.asarray(threshold, norm.dtype) / (norm + TORCH_NORM_EPS))
+
+
 def scale_tree(tree: Any, scale: jax.Array) -> Any:
     """Multiply every float leaf by ``scale`` cast to the leaf's dtype (dtypes are kept).
 
@@ -365,6 +377,46 @@ def check_scalar(
     too_high = upper is not None and (number > upper or (not upper_inclusive and number == upper))
     if too_low or too_high:
         raise ValueError(f"{name} must be in {bounds}, got {value!r}")
+
+
+def check_int(
+    name: str,
+    value: Any,
+    *,
+    lower: int = 0,
+    upper: int | None = None,
+    allow_none: bool = False,
+    allow_schedule: bool = False,
+) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is an integer in ``[lower, upper]``.
+
+    ``None`` (when ``allow_none``), schedules (when ``allow_schedule``) and traced values are
+    accepted unchecked.
+    """
+    if (value is None and allow_none) or (callable(value) and allow_schedule) or is_traced(value):
+        return
+    bounds = f"[{lower}, {'inf' if upper is None else upper}]"
+    alternatives = (" or None" if allow_none else "") + (" or a schedule" if allow_schedule else "")
+    message = f"{name} must be an integer in {bounds}{alternatives}, got {value!r}"
+    if isinstance(value, bool) or callable(value):
+        raise ValueError(message)
+    array = np.asarray(value)
+    if array.shape != () or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(message)
+    if int(array) < lower or (upper is not None and int(array) > upper):
+        raise ValueError(message)
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is one of ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_transform(name: str, value: Any) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is an Optax gradient transformation."""
+    if not (callable(getattr(value, "init", None)) and callable(getattr(value, "update", None))):
+        raise ValueError(f"{name} must be an optax.GradientTransformation, got {value!r}")
 
 
 def check_axis_name(axis_name: Any) -> None:

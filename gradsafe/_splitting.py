@@ -28,7 +28,9 @@ from gradsafe._numerics import (
     ScalarOrSchedule,
     accumulation_dtype,
     check_axis_name,
+    check_int,
     check_scalar,
+    check_transform,
     clip_scale,
     global_norm,
     is_float_leaf,
@@ -81,11 +83,6 @@ class _Leaves:
 def _unzip(tree: Any, count: int) -> tuple[Any, ...]:
     """Split a tree of :class:`_Leaves` into ``count`` trees of the same structure."""
     return tuple(jax.tree.map(lambda leaves, i=i: leaves.values[i], tree) for i in range(count))
-
-
-def _check_transform(name: str, value: Any) -> None:
-    if not isinstance(value, optax.GradientTransformation):
-        raise ValueError(f"{name} must be an optax.GradientTransformation, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,7 +176,7 @@ def split_clip(
         from gradsafe._clipping import clip_by_global_norm
 
         clipper = clip_by_global_norm(1.0)
-    _check_transform("clipper", clipper)
+    check_transform("clipper", clipper)
     check_scalar("residual_decay", residual_decay, lower=0.0, upper=1.0)
     if max_residual_norm is not None:
         check_scalar("max_residual_norm", max_residual_norm)
@@ -437,7 +434,7 @@ def _rule_pairs(rules: Any) -> list[tuple[re.Pattern, optax.GradientTransformati
             raise ValueError(
                 f"rules has an invalid regular expression {pattern!r}: {error}"
             ) from None
-        _check_transform(f"rules[{pattern!r}]", transform)
+        check_transform(f"rules[{pattern!r}]", transform)
         pairs.append((compiled, transform))
     return pairs
 
@@ -493,7 +490,7 @@ def split_by_path(
     elif default is None:
         transforms[DEFAULT_LABEL] = optax.identity()
     else:
-        _check_transform("default", default)
+        check_transform("default", default)
         transforms[DEFAULT_LABEL] = default
 
     def labels(tree: Any) -> Any:
@@ -547,17 +544,6 @@ def _keep_non_float(zero: Any, incoming: Any) -> Any:
     """``incoming`` where it is a non-float leaf of ``zero``'s shape and dtype, else ``zero``."""
     same = jnp.shape(incoming) == zero.shape and jnp.result_type(incoming) == zero.dtype
     return incoming if same and not is_float_leaf(incoming) else zero
-
-
-def _check_every_k(every_k: Any) -> None:
-    if callable(every_k) or is_traced(every_k):
-        return
-    message = f"every_k must be an integer >= 1 or a schedule, got {every_k!r}"
-    if isinstance(every_k, bool):
-        raise ValueError(message)
-    value = np.asarray(every_k)
-    if value.shape != () or not np.issubdtype(value.dtype, np.integer) or int(value) < 1:
-        raise ValueError(message)
 
 
 def accumulate(
@@ -619,10 +605,10 @@ def accumulate(
       Optax, :class:`optax.MultiSteps`; Hermans et al., `Accumulated Gradient Normalization
       <https://arxiv.org/abs/1710.02368>`_, ACML 2017.
     """
-    _check_transform("inner", inner)
+    check_transform("inner", inner)
     if clip_each is not None:
-        _check_transform("clip_each", clip_each)
-    _check_every_k(every_k)
+        check_transform("clip_each", clip_each)
+    check_int("every_k", every_k, lower=1, allow_schedule=True)
     inner_tx = optax.with_extra_args_support(inner)
     clip_tx = None if clip_each is None else optax.with_extra_args_support(clip_each)
 
