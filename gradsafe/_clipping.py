@@ -8,7 +8,7 @@ schedules ``step -> value`` (threshold decay).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -293,7 +293,11 @@ def clip_by_leaf_norm(
         norms = [leaf_norm(x, 2, axis_name=axis_name) for x in float_leaves(updates)]
         scales = iter([clip_scale(n, threshold) for n in norms])
         updates = map_float_leaves(lambda x: scale_leaf(x, next(scales)), updates)
-        total = safe_sqrt(sum(jnp.square(n.astype(jnp.float32)) for n in norms)) if norms else 0.0
+        total = (
+            safe_sqrt(cast(jax.Array, sum(jnp.square(n.astype(jnp.float32)) for n in norms)))
+            if norms
+            else 0.0
+        )
         smallest = _smallest([clip_scale(n, threshold) for n in norms])
         new_state = ClipByLeafNormState(
             count=safe_increment(state.count),
@@ -370,7 +374,11 @@ def clip_by_block_rms(threshold: ScalarOrSchedule) -> optax.GradientTransformati
             denominators.append(jnp.where(keep, 1, rms / jnp.where(keep, 1, bound)))
         remaining = iter(denominators)
         updates = map_float_leaves(lambda x: x / next(remaining).astype(x.dtype), updates)
-        total = safe_sqrt(sum(s.astype(jnp.float32) for s in squares)) if squares else 0.0
+        total = (
+            safe_sqrt(cast(jax.Array, sum(s.astype(jnp.float32) for s in squares)))
+            if squares
+            else 0.0
+        )
         smallest = _smallest([1 / d for d in denominators])
         new_state = ClipByBlockRmsState(
             count=safe_increment(state.count),

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -321,7 +322,7 @@ def zero_count() -> jax.Array:
 
 def safe_increment(count: jax.Array) -> jax.Array:
     """``count + 1`` that saturates at the int32 maximum instead of overflowing."""
-    return optax.safe_increment(count)
+    return cast(jax.Array, optax.safe_increment(count))
 
 
 def resolve(
