@@ -118,10 +118,6 @@ CASES: dict[str, Case] = {
         check=_check_guards,
     ),
     "zclip": Case(lambda: gs.zclip(warmup_steps=2), check=_check_zclip),
-    "zclip[percentile]": Case(lambda: gs.zclip(warmup_steps=2, mode="percentile")),
-    "zclip[skip_update_on_spike]": Case(
-        lambda: gs.zclip(warmup_steps=2, clip_option="mean", skip_update_on_spike=True)
-    ),
 }
 
 # Public callables that are not transform factories (helpers, metrics, masks).
