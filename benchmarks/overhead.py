@@ -287,6 +287,7 @@ def markdown(report: dict[str, Any]) -> str:
         f" alternated, median of {report['repeats']} runs after {report['warmup']} warm-up"
         " runs. Produced by `python benchmarks/overhead.py`.",
         "",
+        *([report["note"], ""] if report.get("note") else []),
         "## Step time ratio (gradsafe / baseline; < 1 means gradsafe is faster)",
         "",
         "| transform | baseline | " + " | ".join(sizes) + " |",
@@ -394,16 +395,20 @@ def main(argv: list[str] | None = None) -> int:
         report["sizes"][size] = run_size(size, entries, repeats, warmup)
         info = report["sizes"][size]
         print(f"  copy {info['copy_ms']:.3f} ms = {info['copy_bandwidth_gb_s']:.1f} GB/s")
+        if out_dir is not None:  # after every tree, so a long run interrupted keeps its results
+            save(report, out_dir)
 
-    page = markdown(report)
     print()
-    print(page)
+    print(markdown(report))
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "overhead.json").write_text(json.dumps(report, indent=2) + "\n")
-        (out_dir / "overhead.md").write_text(page)
         print(f"results written to {out_dir / 'overhead.json'} and {out_dir / 'overhead.md'}")
     return 0
+
+
+def save(report: dict[str, Any], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "overhead.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "overhead.md").write_text(markdown(report))
 
 
 if __name__ == "__main__":

@@ -6,11 +6,11 @@ bit; exactly two steps are marked, and the target is the sum of their two values
 mean (1.0) gives a mean squared error of about 0.167; solving the task gives far less.
 
 At a high learning rate the recurrent weights soon grow past the identity, the hidden state and
-the gradient explode (norms of 1e5 to 1e9 within the first hundred steps), and that one burst of
-huge gradients fills Adam's second-moment estimate: for the next thousands of steps its updates
-are tiny and plain Adam stays at or above the predict-the-mean error. With gradsafe's clipping in
-front of the same Adam, the burst reaches the optimizer with norm 1, Adam keeps moving, and the
-run solves the task.
+the gradient explode (norms of 1e5 to 1e10 within the first few steps). That one burst of huge
+gradients fills Adam's second-moment estimate, which decays only by 0.999 per step: for thousands
+of steps afterwards plain Adam's updates are near zero and its loss stays at or above the
+predict-the-mean error. With gradsafe's clipping in front of the same Adam, the burst reaches the
+optimizer with norm 1, Adam keeps moving, and the run solves the task.
 
 Run it::
 
