@@ -1,0 +1,100 @@
+"""The stability benchmark runs end to end in its --quick size and writes consistent results."""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "stability.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("stability_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being defined
+    spec.loader.exec_module(module)
+    return module
+
+
+stability = _module()
+
+
+def test_quick_run_writes_json_markdown_and_plots(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "stability.json").read_text())
+    page = (tmp_path / "stability.md").read_text()
+    assert report["quick"] is True
+    assert set(report["tasks"]) == {t.name for t in stability.build_tasks(quick=True)}
+    assert stability.STABILIZE in report["methods"]
+    for task_name, task in report["tasks"].items():
+        assert f"`{task_name}`" in page
+        png = tmp_path / f"stability_{task_name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert set(task["methods"]) == set(report["methods"])
+        for name, entry in task["methods"].items():
+            assert f"`{name}`" in page
+            diverged = np.asarray(entry["diverged"])
+            assert diverged.shape == (len(task["lrs"]), report["seeds"])
+            assert entry["runs"] == diverged.size
+            assert entry["diverged_runs"] == int(diverged.sum())
+            assert math.isclose(entry["divergence_rate"], diverged.mean())
+            assert entry["ms_per_step"] > 0
+            span = entry["stable_lr_range"]
+            if span is not None:  # the range holds exactly the LRs where no seed diverged
+                first, last = task["lrs"].index(span[0]), task["lrs"].index(span[1])
+                assert not diverged[first : last + 1].any()
+                assert entry["stable_lr_points"] == last - first + 1
+
+
+def test_every_method_builds_and_takes_a_step_with_the_loss():
+    params = {"w": jnp.ones((3, 2), jnp.float32), "b": jnp.zeros((2,), jnp.float32)}
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+    for name, builder in stability.METHODS.items():
+        tx = builder(stability.optax.sgd(0.1))
+        state = tx.init(params)
+        updates, state = tx.update(grads, state, params, value=jnp.float32(1.0))
+        assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates)), name
+
+
+def test_stable_range_is_the_widest_contiguous_run():
+    rng = stability.stable_range
+    assert rng(np.array([False, False, True, False, False, False])) == (3, 5)
+    assert rng(np.array([True, False, False, True, False, False])) == (4, 5)  # tie: higher LRs
+    assert rng(np.array([True, True])) is None
+    assert rng(np.array([False])) == (0, 0)
+
+
+def test_spike_count_uses_the_median_of_the_previous_window():
+    losses = np.ones((2, 120))
+    losses[0, [60, 90]] = 2.0  # two spikes above 1.5x the running median
+    losses[1, 70] = 1.4  # below the factor: not a spike
+    losses[1, 100:] = np.nan  # a diverged run: nothing counted after the first NaN
+    assert stability.count_spikes(losses).tolist() == [2, 0]
+
+
+@pytest.mark.parametrize("task", stability.build_tasks(quick=True), ids=lambda t: t.name)
+def test_tasks_draw_a_batch_per_step_and_a_fixed_held_out_batch(task):
+    params, train, held_out = stability.draw(task, seeds=2)
+    for leaf in jax.tree.leaves(train):
+        assert leaf.shape[:2] == (2, task.steps)
+    assert all(leaf.shape[0] == 2 for leaf in jax.tree.leaves((params, held_out)))
+    again = stability.draw(task, seeds=2)  # seeded: the same draw every time
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves((params, train)), jax.tree.leaves(again[:2]), strict=True)
+    )
