@@ -19,6 +19,7 @@ from gradsafe._numerics import (
     AxisName,
     ScalarOrSchedule,
     abs_sq,
+    accumulation_dtype,
     check_axis_name,
     check_choice,
     check_norm_type,
@@ -57,7 +58,8 @@ def _smallest(scales: list[jax.Array]) -> jax.Array:
 
 @register_stats("clip_by_value", "threshold", "clipped", "count")
 class ClipByValueState(NamedTuple):
-    """State of :func:`clip_by_value`: steps seen, bound in force, whether any entry was cut."""
+    """State of :func:`clip_by_value`: steps seen, bound in force, and ``clipped``: whether any
+    entry was beyond the bound (a NaN entry counts)."""
 
     count: jax.Array
     threshold: jax.Array
@@ -97,18 +99,35 @@ def clip_by_value(max_delta: ScalarOrSchedule) -> optax.GradientTransformationEx
         count = zero_count()
         return ClipByValueState(count, resolve(max_delta, count), jnp.array(False))
 
-    def clip_leaf(x: jax.Array, bound: jax.Array) -> jax.Array:
-        if jnp.iscomplexobj(x):
-            return jax.lax.complex(clip_leaf(x.real, bound), clip_leaf(x.imag, bound))
-        bound = bound.astype(x.dtype)
-        return jnp.clip(x, -bound, bound)
+    def components(x: jax.Array) -> tuple[jax.Array, ...]:
+        return (x.real, x.imag) if jnp.iscomplexobj(x) else (x,)
+
+    def peak(x: jax.Array) -> jax.Array:
+        """The largest magnitude of any component of ``x`` (NaN if it has a NaN)."""
+        peaks = [jnp.max(jnp.abs(c), initial=0) for c in components(x)]
+        return jnp.max(jnp.stack(peaks).astype(accumulation_dtype(x.dtype)))
+
+    def clip_leaf(x: jax.Array, bound: jax.Array, exceeded: jax.Array) -> jax.Array:
+        low, high = -bound.astype(x.real.dtype), bound.astype(x.real.dtype)
+        clipped = [jnp.clip(c, low, high) for c in components(x)]
+        clipped_x = jax.lax.complex(*clipped) if jnp.iscomplexobj(x) else clipped[0]
+        # Selecting on the leaf's own peak orders the reduction before the in-place write (no
+        # copy of the leaf) and lets a step with nothing to clip skip the write.
+        return jnp.where(exceeded, clipped_x, x)
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         bound = resolve(max_delta, state.count)
-        exceeded = [jnp.any(abs_sq(x) > jnp.square(bound)) for x in float_leaves(updates)]
-        clipped = jnp.any(jnp.stack(exceeded)) if exceeded else jnp.array(False)
-        updates = map_float_leaves(lambda x: clip_leaf(x, bound), updates)
+        flags: list[jax.Array] = []
+
+        def clip_one(x: jax.Array) -> jax.Array:
+            # NaN counts as out of bounds: its leaf is clipped (the NaN itself stays NaN).
+            exceeded = ~(peak(x) <= bound.astype(accumulation_dtype(x.dtype)))
+            flags.append(exceeded)
+            return clip_leaf(x, bound, exceeded)
+
+        updates = map_float_leaves(clip_one, updates)
+        clipped = jnp.any(jnp.stack(flags)) if flags else jnp.array(False)
         return updates, ClipByValueState(safe_increment(state.count), bound, clipped)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
