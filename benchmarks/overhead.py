@@ -102,6 +102,25 @@ ENTRIES: list[Entry] = [
         "gs.clip_by_global_norm",
         traffic=3,
     ),
+    # Adaptive clippers (no Optax counterpart): the cost over gradsafe's fixed global clipping.
+    *(
+        Entry(name, factory, lambda: gs.clip_by_global_norm(1.0), "gs.clip_by_global_norm", 3)
+        for name, factory in (
+            ("zclip", lambda: gs.zclip()),
+            ("autoclip", lambda: gs.autoclip()),
+            ("autoclip_window", lambda: gs.autoclip(window=1000)),
+            ("adagc_global", lambda: gs.adagc(scope="global")),
+            ("adagc_leaf", lambda: gs.adagc()),
+        )
+    ),
+    # Reads and writes its per-parameter EMA of g² as well: more traffic by design.
+    Entry(
+        "spike_clip",
+        lambda: gs.spike_clip(),
+        lambda: gs.clip_by_global_norm(1.0),
+        "gs.clip_by_global_norm",
+        traffic=5,
+    ),
 ]
 
 FULL_SIZES = "1x64M,64x1M,1024x64K,4096x1K"
