@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 import optax
 
@@ -22,7 +22,7 @@ _NAMED_CLIP_ARGS: dict[str, tuple[Any, ...]] = {
 _SUGGESTED = "'zclip', 'autoclip', 'adagc', 'clip_by_global_norm'"
 
 
-def _is_transform(x: Any) -> bool:
+def _is_transform(x: Any) -> TypeGuard[optax.GradientTransformation]:
     return callable(getattr(x, "init", None)) and callable(getattr(x, "update", None))
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -481,7 +481,7 @@ def split_by_path(
       Optax, :func:`optax.partition` (``multi_transform``).
     """
     pairs = _rule_pairs(rules)
-    transforms: dict[str, optax.GradientTransformation] = {
+    transforms: dict[Hashable, optax.GradientTransformation] = {
         f"rule_{index}": transform for index, (_, transform) in enumerate(pairs)
     }
     if isinstance(default, str):
