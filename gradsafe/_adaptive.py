@@ -295,7 +295,7 @@ class AutoClipState(NamedTuple):
       samples: finite norms that joined the history.
       history: ``window=W``: the last ``W`` norms (a ring buffer, slot ``samples % W``);
         ``window=None``: the five P² marker heights (the sorted norms while fewer than five).
-      positions: the P² marker positions (1-based, int32); empty for ``window=W``.
+      positions: the P² marker positions (1-based, int32); one unused entry for ``window=W``.
       norm: the global norm of this step's gradient, before clipping.
       threshold: the percentile of the history (this step's norm included): the clip bound.
       scale: the factor applied to every leaf.
@@ -451,7 +451,8 @@ def autoclip(
                     "optax.inject_hyperparams"
                 )
             history = jnp.zeros([int(np.asarray(window))], _F32)
-            positions = jnp.zeros([0], jnp.int32)
+            # Unused with a window; one entry, not zero, because orbax refuses zero-size arrays.
+            positions = jnp.zeros([1], jnp.int32)
         zero = jnp.zeros([], _F32)
         return AutoClipState(
             count=zero_count(),
@@ -471,7 +472,7 @@ def autoclip(
         finite = jnp.isfinite(norm)
         x = jax.lax.stop_gradient(norm)
         samples = jnp.where(finite, safe_increment(state.samples), state.samples)
-        if state.positions.shape[0] == 0:  # exact ring buffer
+        if window is not None:  # exact ring buffer
             size = state.history.shape[0]
             slot = jnp.mod(state.samples, size)
             history = jnp.where(finite, state.history.at[slot].set(x), state.history)
