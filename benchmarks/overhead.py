@@ -55,6 +55,10 @@ class Entry:
     ``traffic`` is the number of tree-sized memory passes the transform needs at least
     (reads plus writes, in units of the gradient tree's bytes): 2 for an element-wise map,
     3 for a norm followed by a scale, 4 when the parameters are read as well.
+
+    Trees of more than ``MANY_LEAVES`` leaves run only the entries with ``many_leaves`` (and
+    any entry named with ``--only``): XLA needs minutes on a 2-core CPU to compile one
+    program over 4096 leaves (about 6 to 8 minutes for ``optax.clip_by_global_norm`` there).
     """
 
     name: str
@@ -63,6 +67,7 @@ class Entry:
     baseline_name: str
     traffic: int
     needs_params: bool = False
+    many_leaves: bool = False  # also run on trees of more than MANY_LEAVES leaves
 
 
 ENTRIES: list[Entry] = [
@@ -72,6 +77,7 @@ ENTRIES: list[Entry] = [
         lambda: optax.clip_by_global_norm(1.0),
         "optax.clip_by_global_norm",
         traffic=3,
+        many_leaves=True,
     ),
     Entry(
         "clip_by_value",
@@ -125,6 +131,39 @@ ENTRIES: list[Entry] = [
 ]
 
 FULL_SIZES = "1x64M,64x1M,1024x64K,4096x1K"
+MANY_LEAVES = 1024
+
+
+@dataclass(frozen=True)
+class CompilePair:
+    """A gradsafe training-step program and its nearest Optax equivalent, compiled on a tree
+    of many small leaves: the time from ``jit`` to an executable (tracing included)."""
+
+    name: str
+    gradsafe: Factory
+    baseline: Factory
+    baseline_name: str
+
+
+COMPILE_PAIRS: list[CompilePair] = [
+    CompilePair(
+        "optax.chain(gs.clip_by_global_norm(1.0), optax.adam(1e-3))",
+        lambda: optax.chain(gs.clip_by_global_norm(1.0), optax.adam(1e-3)),
+        lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3)),
+        "optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))",
+    ),
+    # Not the same work: the guard also checks the update and the new state, and stabilize
+    # adds ZClip and the update limit. The nearest one-line Optax stack.
+    CompilePair(
+        "gs.stabilize(optax.adam(1e-3))",
+        lambda: gs.stabilize(optax.adam(1e-3)),
+        lambda: optax.apply_if_finite(
+            optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3)), 100
+        ),
+        "optax.apply_if_finite(optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3)))",
+    ),
+]
+COMPILE_LEAF_SHAPE = (32, 32)
 QUICK_SIZES = "4x16K"
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
 
@@ -285,6 +324,39 @@ def run_size(spec: str, entries: list[Entry], repeats: int, warmup: int) -> dict
     }
 
 
+def compile_seconds(tx: optax.GradientTransformation, tree: Any) -> float:
+    """Seconds from a fresh ``jit`` of the donated training step to its executable."""
+    start = time.perf_counter()
+    compile_step(tx).lower(tree, own_buffers(tx.init(tree)), tree).compile()
+    return time.perf_counter() - start
+
+
+def run_compile(leaves: int, repeats: int) -> dict[str, Any]:
+    """Compile time of every ``COMPILE_PAIRS`` entry on a tree of ``leaves`` small leaves,
+    gradsafe and baseline alternated ``repeats`` times; medians."""
+    tree = {f"layer_{i:04d}": jnp.zeros(COMPILE_LEAF_SHAPE, jnp.float32) for i in range(leaves)}
+    results: dict[str, Any] = {}
+    for pair in COMPILE_PAIRS:
+        times: dict[str, list[float]] = {"gradsafe": [], "baseline": []}
+        for index in range(repeats):
+            order = ["gradsafe", "baseline"][:: -1 if index % 2 else 1]
+            for side in order:
+                times[side].append(compile_seconds(getattr(pair, side)(), tree))
+        gs_s, base_s = (statistics.median(times[side]) for side in ("gradsafe", "baseline"))
+        results[pair.name] = {
+            "baseline_name": pair.baseline_name,
+            "gradsafe_s": gs_s,
+            "baseline_s": base_s,
+            "ratio": gs_s / base_s,
+        }
+        print(
+            f"  compile {pair.name}: {gs_s:.1f} s; {pair.baseline_name}: {base_s:.1f} s;"
+            f" ratio {gs_s / base_s:.2f}x",
+            flush=True,
+        )
+    return {"leaves": leaves, "leaf_shape": list(COMPILE_LEAF_SHAPE), "pairs": results}
+
+
 def environment() -> dict[str, Any]:
     device = jax.devices()[0]
     return {
@@ -372,6 +444,23 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {size} | {info['tree_bytes'] / 2**20:.0f} MiB | {info['copy_ms']:.3g} |"
             f" {info['copy_bandwidth_gb_s']:.1f} |"
         )
+    compiled = report.get("compile")
+    if compiled:
+        shape = "x".join(map(str, compiled["leaf_shape"]))
+        lines += [
+            "",
+            f"## Compile time ({compiled['leaves']} leaves of {shape} float32; seconds from"
+            " `jit` to executable, tracing included, median of"
+            f" {report['compile_repeats']} alternated)",
+            "",
+            "| gradsafe program | Optax program | gradsafe (s) | Optax (s) | ratio |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for name, result in compiled["pairs"].items():
+            lines.append(
+                f"| `{name}` | `{result['baseline_name']}` | {result['gradsafe_s']:.1f} |"
+                f" {result['baseline_s']:.1f} | {result['ratio']:.2f}x |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -382,6 +471,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs (default 21)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs first")
     parser.add_argument("--quick", action="store_true", help="small trees, few repeats")
+    parser.add_argument(
+        "--compile-leaves",
+        type=int,
+        default=None,
+        help="leaves of the compile-time tree (default 1000, quick 8; 0 skips it)",
+    )
+    parser.add_argument(
+        "--compile-repeats", type=int, default=1, help="compilations per program (median)"
+    )
     parser.add_argument(
         "--out-dir",
         type=Path,
@@ -415,14 +513,26 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": warmup,
         "entries": [e.name for e in entries],
         "sizes": {},
+        "compile_repeats": args.compile_repeats,
     }
     print(f"{report['environment']}\nmedian of {repeats} alternated runs per implementation")
     for size in sizes:
         print(f"tree {size}:", flush=True)
-        report["sizes"][size] = run_size(size, entries, repeats, warmup)
+        leaves, _ = parse_size(size)
+        here = [e for e in entries if args.only or e.many_leaves or leaves <= MANY_LEAVES]
+        report["sizes"][size] = run_size(size, here, repeats, warmup)
         info = report["sizes"][size]
         print(f"  copy {info['copy_ms']:.3f} ms = {info['copy_bandwidth_gb_s']:.1f} GB/s")
         if out_dir is not None:  # after every tree, so a long run interrupted keeps its results
+            save(report, out_dir)
+
+    compile_leaves = args.compile_leaves
+    if compile_leaves is None:
+        compile_leaves = 8 if args.quick else 1000
+    if compile_leaves > 0:
+        print(f"compile time, {compile_leaves} leaves:", flush=True)
+        report["compile"] = run_compile(compile_leaves, args.compile_repeats)
+        if out_dir is not None:
             save(report, out_dir)
 
     print()

@@ -45,6 +45,7 @@ from gradsafe._numerics import (
     is_float_leaf,
     map_float_leaves,
     mean_across_devices,
+    pack_small_leaves,
     reduce_across_devices,
     safe_increment,
     zero_count,
@@ -81,18 +82,18 @@ def _check_inner(inner: Any) -> optax.GradientTransformationExtraArgs:
 # --------------------------------------------------------------------------------------------
 
 
-def _any_device(flags: Sequence[jax.Array], refs: Sequence[Any], axis_name: AxisName):
-    """Whether any of ``flags`` is set on any device (``refs[i]`` tells flag i's sharding)."""
-    if not flags:
+def _any_device(flags: Sequence[jax.Array], axis_name: AxisName):
+    """Whether any entry of the boolean arrays ``flags`` is set, on any device."""
+    packed = pack_small_leaves(flags, axis_name)
+    if not packed:
         return jnp.array(False)
-    values = [jnp.asarray(f).astype(jnp.int32) for f in flags]
-    return reduce_across_devices(values, list(refs), axis_name, op="max") > 0
+    values = [jnp.any(f).astype(jnp.int32) for f in packed]
+    return reduce_across_devices(values, packed, axis_name, op="max") > 0
 
 
 def _nonfinite(tree: Any, axis_name: AxisName) -> jax.Array:
     """Whether any float leaf of ``tree`` has a NaN or Inf, on any device."""
-    leaves = float_leaves(tree)
-    return _any_device([~jnp.all(jnp.isfinite(x)) for x in leaves], leaves, axis_name)
+    return _any_device([~jnp.isfinite(x) for x in float_leaves(tree)], axis_name)
 
 
 def _without_stats(state: Any) -> Any:
@@ -125,8 +126,7 @@ def _went_nonfinite(old: Any, new: Any, axis_name: AxisName) -> jax.Array:
         for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new), strict=True)
         if is_float_leaf(a) and is_float_leaf(b) and jnp.shape(a) == jnp.shape(b)
     ]
-    flags = [jnp.any(jnp.isfinite(a) & ~jnp.isfinite(b)) for a, b in pairs]
-    return _any_device(flags, [b for _, b in pairs], axis_name)
+    return _any_device([jnp.isfinite(a) & ~jnp.isfinite(b) for a, b in pairs], axis_name)
 
 
 def _loss_of(extra_args: dict[str, Any], axis_name: AxisName) -> jax.Array | None:

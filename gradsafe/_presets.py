@@ -8,7 +8,7 @@ from typing import Any, TypeGuard
 
 import optax
 
-from gradsafe import _guards
+from gradsafe import _guards, _regularization
 from gradsafe._numerics import AxisName, check_axis_name
 
 # Positional arguments for clippers named by string that have no default threshold.
@@ -20,6 +20,10 @@ _NAMED_CLIP_ARGS: dict[str, tuple[Any, ...]] = {
     "adaptive_grad_clip": (0.01,),
 }
 _SUGGESTED = "'zclip', 'autoclip', 'adagc', 'clip_by_global_norm'"
+# limit_updates=True: an entry may change by 10% of its magnitude plus 0.01 per step. The
+# absolute part keeps the limit out of the way of Adam-like updates (about the learning rate
+# per entry) at ordinary learning rates; benchmarks/stability.py measured the choice.
+UPDATE_LIMIT = {"relative": 0.1, "absolute": 1e-2}
 
 
 def _is_transform(x: Any) -> TypeGuard[optax.GradientTransformation]:
@@ -58,22 +62,26 @@ def _options(name: str, value: Any, first_arg: str | None = None) -> dict[str, A
     """None (off) or the keyword arguments for a guard given as bool, number or mapping."""
     if value is None or value is False:
         return None
-    if value is True or (name == "loss_scale" and value == "dynamic"):
+    dynamic = name == "loss_scale"
+    if value is True or (dynamic and value == "dynamic"):
         return {}
     if isinstance(value, Mapping):
         return dict(value)
     if first_arg is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
         return {first_arg: float(value)}
-    allowed = "None, True, a mapping of keyword arguments"
-    if first_arg is not None:
-        allowed = "None, True, 'dynamic', an initial scale, a mapping of keyword arguments"
-    raise ValueError(f"{name} must be {allowed}; got {value!r}")
+    allowed = ["None", "False", "True"]
+    allowed += ["'dynamic'"] if dynamic else []
+    allowed += [f"a number (its {first_arg})"] if first_arg else []
+    raise ValueError(
+        f"{name} must be {', '.join(allowed)} or a mapping of keyword arguments; got {value!r}"
+    )
 
 
 def stabilize(
     optimizer: optax.GradientTransformation,
     *,
     clip: str | optax.GradientTransformation | None = "zclip",
+    limit_updates: bool | float | Mapping[str, Any] = True,
     skip_nonfinite: bool = True,
     skip_spikes: bool | Mapping[str, Any] = False,
     loss_scale: bool | float | str | Mapping[str, Any] | None = None,
@@ -86,7 +94,8 @@ def stabilize(
         dynamic_loss_scale(            # if loss_scale
           skip_on_spike(               # if skip_spikes
             skip_nonfinite(            # if skip_nonfinite (and no guard above)
-              chain(clip, optimizer))))
+              chain(clip, optimizer,
+                    clip_update_relative)))) # if limit_updates
 
     Why this order:
 
@@ -102,6 +111,15 @@ def stabilize(
       norm before clipping (a clipped norm never spikes).
     * **Clip before the optimizer**: the optimizer's moments see bounded gradients, as
       ``optax.chain(clip_by_global_norm(...), adamw(...))`` does.
+    * **Limit the update after the optimizer**: clipping the gradient bounds nothing once an
+      optimizer normalises it (Adam's step is about the learning rate per entry whatever the
+      gradient's size) or accumulates it (momentum). :func:`gradsafe.clip_update_relative`
+      scales each tensor's update so that no entry changes by more than
+      :math:`0.1\\,|w_j| + 0.01` in one step: a learning rate that is too large then slows
+      training down instead of blowing the weights up. At ordinary learning rates the limit
+      is rarely reached. In ``benchmarks/stability.py`` it took ``stabilize`` from diverging
+      in some runs on three of the five tasks to none, with the widest stable LR range on
+      every task.
 
     Each guard counts only its own refusals in :func:`gradsafe.metrics` (a spike refused by
     ``skip_on_spike`` shows as ``skip_on_spike/skipped``, not under ``dynamic_loss_scale``,
@@ -112,6 +130,9 @@ def stabilize(
       clip: the name of a gradsafe clipper (``"zclip"``, ``"autoclip"``, ``"adagc"``,
         ``"clip_by_global_norm"`` (max_norm 1.0), ...; built with its defaults, looked up when
         ``stabilize`` is called), any transform, or None for no clipping.
+      limit_updates: True (:func:`gradsafe.clip_update_relative` with ``relative=0.1,
+        absolute=0.01``), False, a number (its ``relative``, with ``absolute=0.01``) or a
+        mapping of keyword arguments for it. Needs ``params`` in ``update``.
       skip_nonfinite: refuse steps with a NaN/Inf gradient, loss, update or optimizer state.
       skip_spikes: False, True (:func:`gradsafe.skip_on_spike` with its defaults) or a mapping
         of keyword arguments for it. Pass the loss as ``update(..., value=loss)``.
@@ -127,24 +148,28 @@ def stabilize(
     Example:
       >>> import jax.numpy as jnp, optax, gradsafe as gs
       >>> tx = gs.stabilize(optax.sgd(1.0), clip="clip_by_global_norm")
-      >>> state = tx.init(jnp.zeros(2))
-      >>> updates, state = tx.update(jnp.array([3.0, 4.0]), state)
-      >>> updates
-      Array([-0.6, -0.8], dtype=float32)
-      >>> updates, state = tx.update(jnp.array([jnp.nan, 4.0]), state)
+      >>> params = jnp.array([10.0, 1.0])
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(jnp.array([3.0, 4.0]), state, params)
+      >>> [round(float(u), 4) for u in updates]  # norm clipped to 1, then |u_2| <= 0.1 * 1 + 0.01
+      [-0.0825, -0.11]
+      >>> updates, state = tx.update(jnp.array([jnp.nan, 4.0]), state, params)
       >>> updates, int(gs.metrics(state)["skip_nonfinite/total_skips"])
       (Array([0., 0.], dtype=float32), 1)
 
     References:
       Micikevicius et al., `Mixed Precision Training <https://arxiv.org/abs/1710.03740>`_,
       ICLR 2018; Team OLMo, `2 OLMo 2 Furious <https://arxiv.org/abs/2501.00656>`_, 2025;
-      Kumar et al., `ZClip <https://arxiv.org/abs/2504.02507>`_, 2025.
+      Kumar et al., `ZClip <https://arxiv.org/abs/2504.02507>`_, 2025; Tang et al.,
+      `Improving Training Stability for Multitask Ranking Models in Recommender Systems
+      <https://arxiv.org/abs/2302.09178>`_, KDD 2023 (the relative update limit).
     """
     if not _is_transform(optimizer):
         raise ValueError(f"optimizer must be an optax GradientTransformation, got {optimizer!r}")
     check_axis_name(axis_name)
     if not isinstance(skip_nonfinite, bool):
         raise ValueError(f"skip_nonfinite must be True or False, got {skip_nonfinite!r}")
+    limit_options = _options("limit_updates", limit_updates, first_arg="relative")
     spike_options = _options("skip_spikes", skip_spikes)
     scale_options = _options("loss_scale", loss_scale, first_arg="init_scale")
     if isinstance(clip, str):
@@ -154,7 +179,11 @@ def stabilize(
     else:
         raise ValueError(f"clip must be None, a transform or a clipper's name, got {clip!r}")
 
-    tx = optimizer if clip_transform is None else optax.chain(clip_transform, optimizer)
+    parts = [optimizer] if clip_transform is None else [clip_transform, optimizer]
+    if limit_options is not None:
+        limit_options = {**UPDATE_LIMIT, "axis_name": axis_name, **limit_options}
+        parts.append(_regularization.clip_update_relative(**limit_options))
+    tx = parts[0] if len(parts) == 1 else optax.chain(*parts)
     if skip_nonfinite and spike_options is None and scale_options is None:
         tx = _guards.skip_nonfinite(tx, axis_name=axis_name)
     if spike_options is not None:

@@ -38,12 +38,15 @@ import optax
 
 from gradsafe._metrics import register_stats
 from gradsafe._numerics import (
+    AxisName,
     ScalarOrSchedule,
     abs_sq,
     accumulation_dtype,
+    check_axis_name,
     check_scalar,
     is_float_leaf,
     leaf_norm,
+    reduce_leaf_across_devices,
     require_params,
     resolve,
     safe_increment,
@@ -634,6 +637,7 @@ def clip_update_relative(
     absolute: ScalarOrSchedule = 1e-7,
     *,
     mask: Mask = None,
+    axis_name: AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Clippy: bound every entry of the update relative to its parameter, one factor per tensor.
 
@@ -662,6 +666,8 @@ def clip_update_relative(
         schedule.
       mask: a tree of bools like the params, or a function ``params -> tree of bools``; False
         leaves pass through unchanged.
+      axis_name: mesh axis name(s) inside ``shard_map``/``pmap``: a tensor sharded along them
+        gets one factor for all its shards (the smallest), as it would unsharded.
 
     Returns:
       A :class:`optax.GradientTransformationExtraArgs` with
@@ -682,6 +688,7 @@ def clip_update_relative(
     check_scalar("relative", relative)
     check_scalar("absolute", absolute)
     _check_mask(mask)
+    check_axis_name(axis_name)
 
     def init_fn(params: Any) -> ClipUpdateRelativeState:
         del params
@@ -700,7 +707,8 @@ def clip_update_relative(
             bound = r_now * jnp.abs(w).astype(real) + a_now
             free = (size <= bound) | ~jnp.isfinite(size) | ~jnp.isfinite(bound)
             ratio = jnp.where(free, 1, bound / jnp.where(free, 1, size))
-            scale = jnp.min(ratio, initial=1.0)
+            # min over the entries of all shards: -max(-x), as the device reduction has max
+            scale = -reduce_leaf_across_devices(-jnp.min(ratio, initial=1.0), u, axis_name, "max")
             scales.append(scale.astype(jnp.float32))
             return u * scale.astype(u.dtype)
 

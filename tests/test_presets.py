@@ -37,13 +37,17 @@ def grads(scale=1.0, bad=None):
 @pytest.mark.parametrize(
     "options, order",
     [
-        ({}, ["skip_nonfinite", "clip_by_global_norm"]),
-        ({"skip_nonfinite": False}, ["clip_by_global_norm"]),
-        ({"skip_spikes": True}, ["skip_on_spike", "clip_by_global_norm"]),
-        ({"loss_scale": True}, ["dynamic_loss_scale", "clip_by_global_norm"]),
+        ({}, ["skip_nonfinite", "clip_by_global_norm", "clip_update_relative"]),
+        ({"limit_updates": False}, ["skip_nonfinite", "clip_by_global_norm"]),
+        ({"skip_nonfinite": False}, ["clip_by_global_norm", "clip_update_relative"]),
+        ({"skip_spikes": True}, ["skip_on_spike", "clip_by_global_norm", "clip_update_relative"]),
+        (
+            {"loss_scale": True, "limit_updates": False},
+            ["dynamic_loss_scale", "clip_by_global_norm"],
+        ),
         (
             {"skip_spikes": {"window": 8, "min_history": 4}, "loss_scale": 1024.0},
-            ["dynamic_loss_scale", "skip_on_spike", "clip_by_global_norm"],
+            ["dynamic_loss_scale", "skip_on_spike", "clip_by_global_norm", "clip_update_relative"],
         ),
     ],
 )
@@ -59,9 +63,12 @@ def test_equals_the_hand_built_stack():
         skip_spikes={"window": 8, "min_history": 4},
         loss_scale={"init_scale": 8.0, "growth_interval": 3},
     )
+    limit = gs.clip_update_relative(relative=0.1, absolute=0.01)
     hand = gs.dynamic_loss_scale(
         gs.skip_on_spike(
-            optax.chain(gs.clip_by_global_norm(0.5), optax.adamw(1e-2)), window=8, min_history=4
+            optax.chain(gs.clip_by_global_norm(0.5), optax.adamw(1e-2), limit),
+            window=8,
+            min_history=4,
         ),
         init_scale=8.0,
         growth_interval=3,
@@ -78,7 +85,7 @@ def test_equals_the_hand_built_stack():
 
 
 def test_refuses_nonfinite_steps_and_clips():
-    tx = gs.stabilize(optax.sgd(1.0), clip="clip_by_global_norm")
+    tx = gs.stabilize(optax.sgd(1.0), clip="clip_by_global_norm", limit_updates=False)
     state = tx.init(PARAMS)
     updates, state = tx.update(grads(100.0), state)
     assert float(gs.global_norm(updates)) == pytest.approx(1.0, rel=1e-6)
@@ -89,11 +96,11 @@ def test_refuses_nonfinite_steps_and_clips():
 
 def test_clip_none_and_a_transform():
     g = grads(3.0)
-    tx = gs.stabilize(optax.sgd(1.0), clip=None)
+    tx = gs.stabilize(optax.sgd(1.0), clip=None, limit_updates=False)
     plain, _ = tx.update(g, tx.init(PARAMS))
     expected, _ = optax.sgd(1.0).update(g, optax.sgd(1.0).init(PARAMS))
     assert bits(plain) == bits(expected)
-    tx = gs.stabilize(optax.sgd(1.0), clip=gs.clip_by_value(0.5))
+    tx = gs.stabilize(optax.sgd(1.0), clip=gs.clip_by_value(0.5), limit_updates=False)
     updates, _ = tx.update(g, tx.init(PARAMS))
     assert max(float(jnp.max(jnp.abs(u))) for u in jax.tree.leaves(updates)) == 0.5
 
@@ -110,7 +117,7 @@ def test_clip_names_are_resolved_when_stabilize_is_called(monkeypatch):
     monkeypatch.setattr(gs, "fresh_clipper", fresh_clipper, raising=False)
     tx = gs.stabilize(optax.sgd(1.0), clip="fresh_clipper", axis_name="d")
     assert calls == ["d"]
-    tx = gs.stabilize(optax.sgd(1.0), clip="fresh_clipper")
+    tx = gs.stabilize(optax.sgd(1.0), clip="fresh_clipper", limit_updates=False)
     updates, _ = tx.update(grads(2.0), tx.init(PARAMS))
     np.testing.assert_allclose(updates["b"], -grads(1.0)["b"], rtol=1e-6)
 
@@ -130,7 +137,42 @@ def test_default_clip_is_zclip():
     tx = gs.stabilize(optax.sgd(0.1))
     state = tx.init(PARAMS)
     _, state = tx.update(grads(), state, PARAMS)
-    assert guards_outside_in(state) == ["skip_nonfinite", "zclip"]
+    assert guards_outside_in(state) == ["skip_nonfinite", "zclip", "clip_update_relative"]
+
+
+@pytest.mark.parametrize(
+    "limit_updates, relative, absolute",
+    [(True, 0.1, 0.01), (0.5, 0.5, 0.01), ({"relative": 0.2, "absolute": 0.0}, 0.2, 0.0)],
+)
+def test_limit_updates_options(limit_updates, relative, absolute):
+    g = grads(50.0)
+    tx = gs.stabilize(optax.sgd(1.0), clip=None, limit_updates=limit_updates)
+    updates, state = tx.update(g, tx.init(PARAMS), PARAMS)
+    hand = gs.clip_update_relative(relative, absolute)
+    expected, _ = hand.update(jax.tree.map(lambda x: -x, g), hand.init(PARAMS), PARAMS)
+    assert bits(updates) == bits(expected)
+    assert bool(gs.metrics(state)["clip_update_relative/clipped"])
+
+
+def test_the_update_limit_bounds_a_huge_learning_rate():
+    """Adam at learning rate 100: every entry moves by at most 0.1 |w| + 0.01 per step."""
+    tx = gs.stabilize(optax.adam(100.0))
+    state, params = tx.init(PARAMS), PARAMS
+    with jax.numpy_dtype_promotion("standard"):  # optax.adam mixes float and int32
+        for i in range(5):
+            updates, state = tx.update(grads(i + 1.0), state, params)
+            bound = jax.tree.map(lambda w: 0.1 * jnp.abs(w) + 0.01, params)
+            for u, b in zip(jax.tree.leaves(updates), jax.tree.leaves(bound), strict=True):
+                assert bool(jnp.all(jnp.abs(u) <= b * (1 + 1e-6)))
+            params = optax.apply_updates(params, updates)
+
+
+def test_needs_params_unless_the_limit_is_off():
+    tx = gs.stabilize(optax.sgd(1.0))
+    with pytest.raises(ValueError, match="params"):
+        tx.update(grads(), tx.init(PARAMS))
+    tx = gs.stabilize(optax.sgd(1.0), limit_updates=False)
+    tx.update(grads(), tx.init(PARAMS))
 
 
 @pytest.mark.parametrize(
@@ -144,7 +186,9 @@ def test_loss_scale_options(loss_scale, expected):
 
 def test_all_devices_refuse_together_under_shard_map():
     mesh = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
-    tx = gs.stabilize(optax.sgd(1.0), clip="clip_by_global_norm", axis_name="d")
+    tx = gs.stabilize(
+        optax.sgd(1.0), clip="clip_by_global_norm", limit_updates=False, axis_name="d"
+    )
     params = jnp.zeros((8, 3))
     state = tx.init(params)
     specs = jax.tree.map(lambda x: P("d") if jnp.ndim(x) == 2 else P(), state)
@@ -180,6 +224,9 @@ SGD = optax.sgd(1.0)
         ({"skip_spikes": "yes"}, "skip_spikes"),
         ({"skip_spikes": {"window": 1}}, "window"),
         ({"loss_scale": "static"}, "loss_scale"),
+        ({"limit_updates": "yes"}, "limit_updates"),
+        ({"limit_updates": -0.1}, "relative"),
+        ({"limit_updates": {"absolute": -1.0}}, "absolute"),
         ({"loss_scale": -1.0}, "init_scale"),
         ({"axis_name": 5}, "axis_name"),
     ],
@@ -188,3 +235,26 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
     kwargs = {"optimizer": SGD, "clip": "clip_by_global_norm", **kwargs}
     with pytest.raises(ValueError, match=name):
         gs.stabilize(kwargs.pop("optimizer"), **kwargs)
+
+
+def test_the_update_limit_is_the_same_sharded_and_whole():
+    """Under shard_map each tensor gets one factor for all its shards, as unsharded."""
+    mesh = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+    tx = gs.stabilize(optax.sgd(1.0), clip=None, axis_name="d")
+    params = jnp.arange(1.0, 25.0).reshape(8, 3)
+    g = jnp.ones((8, 3)).at[5, 1].set(30.0)  # one shard holds the entry that sets the factor
+    state = tx.init(params)
+    specs = jax.tree.map(lambda x: P("d") if jnp.ndim(x) == 2 else P(), state)
+    run = jax.jit(
+        jax.shard_map(
+            lambda g, s, w: tx.update(g, s, w),
+            mesh=mesh,
+            in_specs=(P("d"), specs, P("d")),
+            out_specs=(P("d"), specs),
+        )
+    )
+    sharded, _ = run(g, state, params)
+    whole = gs.stabilize(optax.sgd(1.0), clip=None)
+    expected, _ = whole.update(g, whole.init(params), params)
+    np.testing.assert_allclose(sharded, expected, rtol=1e-6)
+    assert float(jnp.max(jnp.abs(sharded / g))) < 1  # the factor came from another shard
