@@ -686,3 +686,20 @@ def test_non_scalar_value_is_rejected():
     tx = gs.skip_nonfinite(SGD)
     with pytest.raises(ValueError, match="value"):
         tx.update(jnp.ones(1), tx.init(jnp.zeros(1)), value=jnp.ones(3))
+
+
+@pytest.mark.parametrize("where", ["gradient", "state"])
+def test_a_nan_in_one_of_many_small_leaves_is_refused(where):
+    """The finiteness checks pack small leaves together; one bad entry still counts."""
+    params = {f"l{i:02d}": jnp.ones((2, 3)) for i in range(50)}
+    grads = dict(params)
+    if where == "gradient":
+        grads["l37"] = grads["l37"].at[1, 2].set(jnp.nan)
+    inner = optax.adam(1.0)
+    state = gs.skip_nonfinite(inner).init(params)
+    if where == "state":  # Adam's nu overflows to Inf in l37 only
+        grads["l37"] = grads["l37"].at[0, 0].set(jnp.finfo(jnp.float32).max)
+    with jax.numpy_dtype_promotion("standard"):  # optax.adam mixes float and int32
+        updates, state = jax.jit(gs.skip_nonfinite(inner).update)(grads, state, params)
+    assert all(not np.asarray(u).any() for u in jax.tree.leaves(updates))
+    assert int(gs.metrics(state)["skip_nonfinite/total_skips"]) == 1

@@ -51,6 +51,40 @@ def test_global_norm_matches_numpy(leaves):
     np.testing.assert_allclose(nx.global_norm(tree, "inf"), np.max(np.abs(flat)), rtol=1e-6)
 
 
+def test_small_leaves_are_packed_by_dtype():
+    small = [jnp.ones((3, 2)), jnp.ones(4), jnp.ones((), jnp.bfloat16), jnp.ones(2, jnp.bfloat16)]
+    big = jnp.ones(nx.PACK_MAX_SIZE + 1)
+    packed = nx.pack_small_leaves([*small, big])
+    assert [(x.shape, x.dtype) for x in packed] == [
+        (big.shape, jnp.float32),
+        ((10,), jnp.float32),
+        ((3,), jnp.bfloat16),
+    ]
+    assert nx.pack_small_leaves([small[1]])[0] is small[1]  # a lone leaf is not copied
+    assert nx.pack_small_leaves([]) == []
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, math.inf])
+def test_packed_global_norm_equals_the_per_leaf_one(monkeypatch, p):
+    keys = jax.random.split(jax.random.key(0), 40)
+    tree = {
+        f"l{i}": jax.random.normal(k, (i % 7 + 1, 3), (jnp.float32, jnp.bfloat16)[i % 2])
+        for i, k in enumerate(keys)
+    }
+    tree["big"] = jnp.linspace(-3, 3, nx.PACK_MAX_SIZE * 2)
+    tree["c"] = jnp.array([3 + 4j, 1j], jnp.complex64)
+    packed_eager, packed_jit = nx.global_norm(tree, p), jax.jit(nx.global_norm)(tree, p)
+    grad_packed = jax.grad(lambda t: nx.global_norm(t, p))(tree)
+    monkeypatch.setattr(nx, "PACK_MAX_SIZE", -1)
+    per_leaf = nx.global_norm(tree, p)
+    grad_per_leaf = jax.grad(lambda t: nx.global_norm(t, p))(tree)
+    np.testing.assert_allclose(packed_eager, per_leaf, rtol=1e-6)
+    np.testing.assert_allclose(packed_jit, per_leaf, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grad_packed), jax.tree.leaves(grad_per_leaf), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(a.astype(jnp.complex64), b.astype(jnp.complex64), rtol=1e-2)
+
+
 def test_global_norm_fp16_and_bf16_accumulate_in_f32():
     tree = {"h": jnp.full((100,), 1e3, jnp.float16), "b": jnp.full((4,), 3e3, jnp.bfloat16)}
     norm = nx.global_norm(tree)

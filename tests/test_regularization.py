@@ -465,6 +465,7 @@ BAD_ARGUMENTS = [
     (lambda: gs.prox_group_lasso(1.0, True), "learning_rate"),
     (lambda: gs.clip_update_relative(-0.1), "relative"),
     (lambda: gs.clip_update_relative(0.1, -1e-7), "absolute"),
+    (lambda: gs.clip_update_relative(axis_name=5), "axis_name"),
     (lambda: gs.add_l2(0.1, mask="bias"), "mask"),
     (lambda: gs.prox_l1(0.1, 0.1, mask=True), "mask"),
     (lambda: gs.clip_update_relative(mask=jnp.array(True)), "mask"),
