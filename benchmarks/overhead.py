@@ -11,7 +11,8 @@ run-time ``s = 1``) run alternately, ``--repeats`` times each; the medians are r
 copy reads and writes the tree once, which gives the memory bandwidth of this machine in this
 run; a transform that must move ``k`` bytes per gradient byte cannot be faster than
 ``k * tree_bytes / bandwidth`` (the memory bound), and ``bound %`` says how close it gets
-(100% = at the bound).
+(100% = at the bound). Last, the compile time of ``COMPILE_PAIRS`` (a gradsafe training
+step and its nearest Optax equivalent) on a tree of ``--compile-leaves`` small leaves.
 
 Run::
 

@@ -45,15 +45,21 @@ def sequence(steps=30, seed=0, shape_a=(16, 3)):
     return grads
 
 
-def run_jitted(tx, grads, state=None):
+def run_steps(tx, grads, state=None, *, jit=True):
+    """Outputs and states of ``tx.update`` (jitted unless ``jit=False``) over ``grads``."""
     state = tx.init(grads[0]) if state is None else state
-    update = jax.jit(tx.update)
+    update = jax.jit(tx.update) if jit else tx.update
     outs, states = [], []
     for g in grads:
         out, state = update(g, state)
         outs.append(out)
         states.append(state)
     return outs, states
+
+
+def run_jitted(tx, grads, state=None):
+    """``run_steps`` with the update jitted."""
+    return run_steps(tx, grads, state)
 
 
 def assert_trees_close(x, y, rtol=1e-6, atol=1e-7):

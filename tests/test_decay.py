@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from adaptive_cases import run_steps
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -17,17 +18,6 @@ import gradsafe as gs
 # ------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------
-
-
-def run_steps(tx, grads_seq, jit=True):
-    state = tx.init(grads_seq[0])
-    update = jax.jit(tx.update) if jit else tx.update
-    outputs, states = [], []
-    for grads in grads_seq:
-        updates, state = update(grads, state)
-        outputs.append(updates)
-        states.append(state)
-    return outputs, states
 
 
 def tolerant(schedule):
