@@ -341,13 +341,16 @@ def _static_global_norm(tree: Any, norm_type: float, axis_name: AxisName) -> jax
     def reduce(values: list[jax.Array], op: str) -> jax.Array:
         return reduce_across_devices([v.astype(dtype) for v in values], leaves, axis_name, op)
 
-    peaks = [_leaf_power_sum(x, math.inf) for x in leaves]
+    def peak_of_all() -> jax.Array:
+        return reduce([_leaf_power_sum(x, math.inf) for x in leaves], "max")
+
     if norm_type == math.inf:
-        return reduce(peaks, "max")
+        return peak_of_all()
     norm = _finish(reduce([_leaf_power_sum(x, norm_type) for x in leaves], "sum"), norm_type)
 
     def recompute() -> list[jax.Array]:
-        peak = reduce(peaks, "max")
+        # Traced inside the branch: the common path must not pay for the extra pass.
+        peak = peak_of_all()
         sums = [
             _rescaled_power_sum(x, peak.astype(x.real.dtype), norm_type, None, False)
             for x in leaves
