@@ -442,7 +442,9 @@ def skip_on_spike(
     would never move). So after ``max_consecutive_skips`` refusals in a row, the next step
     that is refused only as a spike is accepted instead, and the statistics are re-based on
     it: both windows restart from that step's values, and spikes are refused again once they
-    hold ``min_history`` values. Non-finite values are never accepted this way. With
+    hold ``min_history`` values. A NaN or Inf in the gradient or the loss is never accepted
+    this way (a finite gradient whose norm overflows float32 counts as a spike), and the
+    inner update and new state are still checked as by :func:`skip_nonfinite`. With
     ``max_consecutive_skips=None`` the guard refuses a new level until the caller intervenes
     (the behaviour before this parameter existed); ``record_refused=True`` lets refused
     finite values into the window instead (as OLMo-core does), so the window follows a new
@@ -555,10 +557,12 @@ def skip_on_spike(
             loss_spike = loss_ready & (loss - loss_mean > threshold * loss_std) & ("loss" in watch)
 
         # After max_consecutive_skips refusals in a row a spike is a new level: give up
-        # refusing it (only a spike: a non-finite norm or loss is still refused).
+        # refusing it. Only a spike: a NaN/Inf gradient entry or loss is still refused, and
+        # the inner update and state are still checked; a finite gradient whose norm
+        # overflows counts as a spike (refusing it forever would freeze the run).
         give_up = jnp.array(False)
         if max_consecutive_skips is not None:
-            give_up = (state.consecutive_skips >= max_consecutive_skips) & jnp.isfinite(norm)
+            give_up = state.consecutive_skips >= max_consecutive_skips
             loss_spike = loss_spike & ~give_up
             norm_spike = norm_spike & ~give_up
         reason = _first_reason(

@@ -133,3 +133,19 @@ def test_jit_and_eager_agree():
 def test_bad_max_consecutive_skips_names_the_argument(bad):
     with pytest.raises(ValueError, match="max_consecutive_skips"):
         gs.skip_on_spike(optax.sgd(0.1), max_consecutive_skips=bad)
+
+
+def test_finite_gradient_with_overflowing_norm_is_a_spike_and_not_refused_forever():
+    grads = [jnp.ones(2)] * 6 + [jnp.full(2, 1e30)] * 4
+    tx = gs.skip_on_spike(
+        optax.sgd(1e-3), window=8, min_history=4, watch=("norm",), max_consecutive_skips=2
+    )
+    states = run(tx, [1.0] * 10, grads=grads)
+    # refused twice, accepted, then a new run of refusals begins
+    assert [bool(s.skipped) for s in states[6:]] == [True, True, False, True]
+    assert gs.SKIP_REASONS[int(states[6].reason)] == "norm_spike"
+    assert int(states[8].norm_count) == 0  # an overflowing norm never enters the window
+    forever = gs.skip_on_spike(
+        optax.sgd(1e-3), window=8, min_history=4, watch=("norm",), max_consecutive_skips=None
+    )
+    assert all(bool(s.skipped) for s in run(forever, [1.0] * 10, grads=grads)[6:])
