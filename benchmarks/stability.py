@@ -662,7 +662,7 @@ def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     order = list(METHODS)
     names = set(new["methods"]) | set(old["methods"])
     merged["methods"] = [m for m in order if m in names]
-    for task_name in dict.fromkeys([*new["tasks"], *old["tasks"]]):
+    for task_name in dict.fromkeys([*old["tasks"], *new["tasks"]]):
         fresh = new["tasks"].get(task_name)
         kept = old["tasks"].get(task_name)
         if fresh is None:
