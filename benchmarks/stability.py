@@ -12,6 +12,9 @@ random keys (no downloads):
    gradient (the loss of that batch is scaled by 1000, as a corrupted batch would).
 4. ``deep_mlp``: a 16-layer un-normalised ReLU MLP (He init) at batch 1024 on a Gaussian
    mixture, SGD with Nesterov momentum.
+5. ``adagrad_spiky`` / ``rss_momentum_spiky``: the regression of 3 with 0.5% of the batches
+   carrying a 1000x gradient, against a sum of squared gradients that never forgets:
+   ``optax.adagrad``, and ``scale_by_rss`` followed by momentum (``optax.trace``).
 
 Every task is trained with every method of ``METHODS`` over its learning-rate grid and several
 seeds; the seeds and learning rates of one (task, method) pair are ``vmap``-ed and the steps run
@@ -19,6 +22,9 @@ in one ``jit``-compiled ``lax.scan``. Per method and task the report gives:
 
 * **diverged**: the share of runs whose final evaluation loss is non-finite or above the
   evaluation loss at initialisation (same held-out batch);
+* **blew up** (a second criterion, which a run ending near its starting, chance-level loss
+  does not meet on noise): final evaluation loss non-finite or above ``BLOWUP_FACTOR`` (2) x
+  the loss at initialisation;
 * **median final loss** over all runs (non-finite counted as +inf), and the median over seeds
   at the best learning rate;
 * **stable LR range**: the widest contiguous run of grid learning rates at which no seed
@@ -35,7 +41,12 @@ Run::
 
     python benchmarks/stability.py                        # full grid (about 30 min, 2 cores)
     python benchmarks/stability.py --quick --out /tmp/s   # reduced grid and methods, < 2 min
-    python benchmarks/stability.py --tasks deep_mlp --methods none stabilize
+    python benchmarks/stability.py --tasks deep_mlp --methods none "gs.stabilize(opt)"
+    python benchmarks/stability.py --methods "gs.split_clip()" --merge   # rerun one method
+
+``--merge`` keeps the entries of the existing ``stability.json`` in ``--out`` that this run does
+not produce (same grid and seeds; each entry records the date of its run, and the markdown
+lists them): use it only for methods whose code, and tasks whose definition, did not change.
 
 To add a method, add one line to ``METHODS``.
 """
