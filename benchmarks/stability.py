@@ -12,6 +12,9 @@ random keys (no downloads):
    gradient (the loss of that batch is scaled by 1000, as a corrupted batch would).
 4. ``deep_mlp``: a 16-layer un-normalised ReLU MLP (He init) at batch 1024 on a Gaussian
    mixture, SGD with Nesterov momentum.
+5. ``adagrad_spiky`` / ``rss_momentum_spiky``: the regression of 3 with 0.5% of the batches
+   carrying a 1000x gradient, against a sum of squared gradients that never forgets:
+   ``optax.adagrad``, and ``scale_by_rss`` followed by momentum (``optax.trace``).
 
 Every task is trained with every method of ``METHODS`` over its learning-rate grid and several
 seeds; the seeds and learning rates of one (task, method) pair are ``vmap``-ed and the steps run
@@ -19,6 +22,9 @@ in one ``jit``-compiled ``lax.scan``. Per method and task the report gives:
 
 * **diverged**: the share of runs whose final evaluation loss is non-finite or above the
   evaluation loss at initialisation (same held-out batch);
+* **blew up** (a second criterion, which a run ending near its starting, chance-level loss
+  does not meet on noise): final evaluation loss non-finite or above ``BLOWUP_FACTOR`` (2) x
+  the loss at initialisation;
 * **median final loss** over all runs (non-finite counted as +inf), and the median over seeds
   at the best learning rate;
 * **stable LR range**: the widest contiguous run of grid learning rates at which no seed
@@ -35,7 +41,12 @@ Run::
 
     python benchmarks/stability.py                        # full grid (about 30 min, 2 cores)
     python benchmarks/stability.py --quick --out /tmp/s   # reduced grid and methods, < 2 min
-    python benchmarks/stability.py --tasks deep_mlp --methods none stabilize
+    python benchmarks/stability.py --tasks deep_mlp --methods none "gs.stabilize(opt)"
+    python benchmarks/stability.py --methods "gs.split_clip()" --merge   # rerun one method
+
+``--merge`` keeps the entries of the existing ``stability.json`` in ``--out`` that this run does
+not produce (same grid and seeds; each entry records the date of its run, and the markdown
+lists them): use it only for methods whose code, and tasks whose definition, did not change.
 
 To add a method, add one line to ``METHODS``.
 """
@@ -63,7 +74,9 @@ import optax
 import gradsafe as gs
 
 Optimizer = Callable[[Any], optax.GradientTransformation]  # learning rate -> optimizer
-Builder = Callable[[optax.GradientTransformation], optax.GradientTransformation]
+# (task optimizer, training steps) -> the method's transform; the steps let a method follow
+# the run's length (a decay schedule).
+Builder = Callable[[optax.GradientTransformation, int], optax.GradientTransformation]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,11 +86,11 @@ Builder = Callable[[optax.GradientTransformation], optax.GradientTransformation]
 
 def _before(clipper: Callable[[], optax.GradientTransformation]) -> Builder:
     """A builder that puts a freshly built ``clipper`` in front of the optimizer."""
-    return lambda opt: optax.chain(clipper(), opt)
+    return lambda opt, steps: optax.chain(clipper(), opt)
 
 
 METHODS: dict[str, Builder] = {
-    "none": lambda opt: opt,
+    "none": lambda opt, steps: opt,
     "optax.clip_by_global_norm(1.0)": _before(lambda: optax.clip_by_global_norm(1.0)),
     "optax.adaptive_grad_clip(0.01)": _before(lambda: optax.adaptive_grad_clip(0.01)),
     "gs.clip_by_global_norm(1.0)": _before(lambda: gs.clip_by_global_norm(1.0)),
@@ -85,8 +98,15 @@ METHODS: dict[str, Builder] = {
     "gs.autoclip()": _before(lambda: gs.autoclip()),
     "gs.adagc()": _before(lambda: gs.adagc()),
     "gs.split_clip()": _before(lambda: gs.split_clip()),
-    "gs.skip_on_spike(opt)": lambda opt: gs.skip_on_spike(opt),
-    "gs.stabilize(opt)": lambda opt: gs.stabilize(opt),
+    "gs.skip_on_spike(opt)": lambda opt, steps: gs.skip_on_spike(opt),
+    "gs.stabilize(opt)": lambda opt, steps: gs.stabilize(opt),
+    # Gradient decay: the gradient scaled by a cosine from 1 to 0.1 over the run, before the
+    # optimizer (for SGD an LR decay; Adam and AdamW divide most of it out again).
+    "gs.decay(cosine) before opt": lambda opt, steps: optax.chain(
+        gs.decay(optax.cosine_decay_schedule(1.0, steps, alpha=0.1)), opt
+    ),
+    # After the optimizer it scales the step: a cooldown of the learning rate after a spike.
+    "gs.cooldown_on_spike() after opt": lambda opt, steps: optax.chain(opt, gs.cooldown_on_spike()),
 }
 STABILIZE = "gs.stabilize(opt)"
 # --quick trains these only (compilation dominates a small run); the tests build every method.
@@ -327,7 +347,17 @@ def transformer_task(
 
 
 def spiky_regression_task(
-    *, steps: int, dim: int, hidden: int, batch: int, spike_rate: float, spike_scale: float
+    *,
+    steps: int,
+    dim: int,
+    hidden: int,
+    batch: int,
+    spike_rate: float,
+    spike_scale: float,
+    name: str = "spiky_regression",
+    optimizer: Optimizer = optax.adam,
+    optimizer_text: str = "Adam",
+    lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
 ) -> Task:
     """A two-layer tanh MLP regressing a fixed random teacher; a batch is a spike with
     probability ``spike_rate`` and then its loss (hence its gradient) is ``spike_scale`` x."""
@@ -362,11 +392,11 @@ def spiky_regression_task(
         return clean * batch_data[2], clean
 
     return Task(
-        name="spiky_regression",
+        name=name,
         description=f"2-layer tanh MLP regression (input {dim}, hidden {hidden}, batch {batch}), "
-        f"{spike_rate:.1%} of batches with a {spike_scale:g}x loss and gradient; Adam",
-        optimizer=lambda lr: optax.adam(lr),
-        lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
+        f"{spike_rate:.1%} of batches with a {spike_scale:g}x loss and gradient; {optimizer_text}",
+        optimizer=optimizer,
+        lrs=lrs,
         steps=steps,
         init=init,
         data=data,
@@ -374,6 +404,48 @@ def spiky_regression_task(
         eval_loss=mse,
         sizes={"dim": dim, "hidden": hidden, "batch": batch},
     )
+
+
+# --- 5. the squared-gradient accumulator under rare spikes ---------------------------------------
+
+
+def rss_momentum(lr: Any) -> optax.GradientTransformation:
+    """Accumulate g^2, divide by its root (eps inside the root), then momentum 0.9 and the LR:
+    the Adagrad-style optimizer with momentum built from Optax pieces."""
+    return optax.chain(
+        optax.scale_by_rss(initial_accumulator_value=0.1, eps=1e-7),
+        optax.trace(decay=0.9),
+        optax.scale_by_learning_rate(lr),
+    )
+
+
+ACCUMULATOR_LRS = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0)
+# Momentum adds about a factor 10 to the step: the grid one decade lower.
+MOMENTUM_ACCUMULATOR_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+
+
+def accumulator_tasks(*, steps: int, dim: int, hidden: int, batch: int) -> list[Task]:
+    """Rare 1000x gradient spikes (0.5% of batches) against a sum of squared gradients that
+    never forgets: ``optax.adagrad``, and the same accumulator with momentum."""
+    common = {"steps": steps, "dim": dim, "hidden": hidden, "batch": batch, "spike_rate": 0.005}
+    return [
+        spiky_regression_task(
+            **common,
+            spike_scale=1e3,
+            name="adagrad_spiky",
+            optimizer=optax.adagrad,
+            optimizer_text="optax.adagrad",
+            lrs=ACCUMULATOR_LRS,
+        ),
+        spiky_regression_task(
+            **common,
+            spike_scale=1e3,
+            name="rss_momentum_spiky",
+            optimizer=rss_momentum,
+            optimizer_text="scale_by_rss + trace(0.9) + learning rate",
+            lrs=MOMENTUM_ACCUMULATOR_LRS,
+        ),
+    ]
 
 
 # --- 4. deep un-normalised ReLU MLP at large batch ---------------------------------------------
@@ -437,6 +509,7 @@ def build_tasks(quick: bool) -> list[Task]:
                 steps=100, dim=16, hidden=16, batch=32, spike_rate=0.05, spike_scale=1e3
             ),
             deep_mlp_task(steps=30, depth=16, width=16, dim=16, classes=10, batch=256),
+            *accumulator_tasks(steps=100, dim=16, hidden=16, batch=32),
         ]
     return [
         adding_task(relu=False, steps=400, length=100, hidden=32, batch=32),
@@ -446,6 +519,7 @@ def build_tasks(quick: bool) -> list[Task]:
             steps=2000, dim=64, hidden=64, batch=64, spike_rate=0.01, spike_scale=1e3
         ),
         deep_mlp_task(steps=300, depth=16, width=32, dim=32, classes=10, batch=1024),
+        *accumulator_tasks(steps=1000, dim=32, hidden=32, batch=64),
     ]
 
 
@@ -460,7 +534,7 @@ def make_run(task: Task, builder: Builder) -> Callable[..., Any]:
     shape ``(seeds, lrs, ...)``."""
 
     def one(lr, params, train, held_out):
-        tx = optax.with_extra_args_support(builder(task.optimizer(lr)))
+        tx = optax.with_extra_args_support(builder(task.optimizer(lr), task.steps))
         opt_state = tx.init(params)
         grad_fn = jax.value_and_grad(task.train_loss, has_aux=True)
 
@@ -518,6 +592,27 @@ def stable_range(diverged_any: np.ndarray) -> tuple[int, int] | None:
     return best
 
 
+# Second divergence criterion. "Final loss above the initial loss" flips on noise for a run
+# that ends near its starting (chance) level; a run "blew up" only when its final held-out loss
+# is non-finite or more than this many times its held-out loss at initialisation.
+BLOWUP_FACTOR = 2.0
+
+
+def blowup_fields(lrs: tuple[float, ...], final: np.ndarray, initial: np.ndarray) -> dict:
+    """The report fields of the blow-up criterion for final/initial losses of shape (lrs,
+    seeds): per-run flags, their count and rate, and the stable LR range under it."""
+    with np.errstate(invalid="ignore"):
+        blew_up = ~np.isfinite(final) | (final > BLOWUP_FACTOR * initial)
+    span = stable_range(blew_up.any(axis=1))
+    return {
+        "blowup_rate": float(blew_up.mean()),
+        "blown_up_runs": int(blew_up.sum()),
+        "blown_up": blew_up.tolist(),
+        "no_blowup_lr_range": None if span is None else [lrs[span[0]], lrs[span[1]]],
+        "no_blowup_lr_points": 0 if span is None else span[1] - span[0] + 1,
+    }
+
+
 def evaluate(
     task: Task, name: str, seeds: int, drawn: Any, compiler_options: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -544,6 +639,7 @@ def evaluate(
         "divergence_rate": float(diverged.mean()),
         "diverged_runs": int(diverged.sum()),
         "runs": int(diverged.size),
+        **blowup_fields(task.lrs, final, initial),
         "median_final_loss": float(np.median(final_inf)),
         "best_lr": task.lrs[best],
         "best_lr_median_final_loss": float(per_lr_median[best]),
@@ -553,10 +649,59 @@ def evaluate(
         "ms_per_step": 1e3 * run_s / task.steps,
         "compile_s": compile_s,
         "median_initial_loss": float(np.median(initial)),
+        "initial_loss": initial.tolist(),
         "final_loss": [[_json_float(v) for v in row] for row in final.tolist()],
         "diverged": diverged.tolist(),
         "median_final_loss_per_lr": [_json_float(v) for v in per_lr_median.tolist()],
     }
+
+
+def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` with the (task, method) entries of ``old`` that ``new`` did not run.
+
+    Only for results of the same grid (quick flag, seeds, and per task the same learning
+    rates and steps): a kept entry is the number an earlier run produced, so use it only when
+    that method's code did not change since. Every entry records the date of its run. Entries
+    from reports older than the blow-up criterion get its fields from their stored final
+    losses and the initial losses of the new run (the same seeded draw: checked).
+    """
+    for key in ("quick", "seeds"):
+        if old[key] != new[key]:
+            raise ValueError(f"cannot merge: {key} differs ({old[key]!r} vs {new[key]!r})")
+    merged = dict(new)
+    merged["tasks"] = {}
+    order = list(METHODS)
+    names = set(new["methods"]) | set(old["methods"])
+    merged["methods"] = [m for m in order if m in names]
+    for task_name in dict.fromkeys([*old["tasks"], *new["tasks"]]):
+        fresh = new["tasks"].get(task_name)
+        kept = old["tasks"].get(task_name)
+        if fresh is None:
+            merged["tasks"][task_name] = kept
+            continue
+        entry = dict(fresh)
+        methods = dict(fresh["methods"])
+        if kept is not None:
+            if kept["lrs"] != fresh["lrs"] or kept["steps"] != fresh["steps"]:
+                raise ValueError(f"cannot merge {task_name}: its grid changed")
+            initial = np.asarray(next(iter(fresh["methods"].values()))["initial_loss"])
+            for name, result in kept["methods"].items():
+                if name in methods:
+                    continue
+                result = dict(result)
+                result.setdefault("date", old["date"])
+                if "blown_up" not in result:
+                    if not math.isclose(
+                        float(np.median(initial)), result["median_initial_loss"], rel_tol=1e-5
+                    ):
+                        raise ValueError(f"cannot merge {task_name}: initial losses differ")
+                    final = np.asarray([[float(v) for v in row] for row in result["final_loss"]])
+                    result.update(blowup_fields(tuple(fresh["lrs"]), final, initial))
+                methods[name] = result
+        entry["methods"] = {m: methods[m] for m in merged["methods"] if m in methods}
+        merged["tasks"][task_name] = entry
+    merged["merged"] = True
+    return merged
 
 
 def _json_float(value: float) -> float | str:
@@ -593,13 +738,39 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['date']} ({report['platform']}, {report['cpu_count']} CPUs, jax "
         f"{report['jax']}, optax {report['optax']}). {report['seeds']} seeds per learning rate.",
         "",
-        "A run **diverged** when its final held-out loss is non-finite or above the held-out "
-        "loss at initialisation. **Stable LR range**: the widest contiguous run of grid "
-        "learning rates where no seed diverged (grid points in brackets). Time per step is the "
-        "wall time of all vmapped runs of one method together, measured on a shared machine: "
-        "noisy, compare only within a task.",
+        "Two divergence criteria. A run **diverged** when its final held-out loss is "
+        "non-finite or above the held-out loss at initialisation (a run that ends near its "
+        "starting, chance-level loss can fall either side of this on noise). A run **blew up** "
+        "when its final held-out loss is non-finite or above "
+        f"{BLOWUP_FACTOR:g}x its held-out loss at initialisation. **Stable LR range**: the "
+        "widest contiguous run of grid learning rates where no seed diverged (grid points in "
+        "brackets). Time per step is the wall time of all vmapped runs of one method together, "
+        "measured on a shared machine: noisy, compare only within a task.",
         "",
-        "## Summary: stable LR range (divergence rate)",
+    ]
+    dates = sorted(
+        {e.get("date", report["date"]) for t in tasks.values() for e in t["methods"].values()}
+    )
+    if len(dates) > 1:
+        lines += [
+            "Merged results (`--merge`): entries come from runs on "
+            + ", ".join(dates)
+            + " (each entry's `date` in `stability.json`); an entry was kept from an earlier "
+            "run only where its method's code and its task did not change since.",
+            "",
+        ]
+        for task_name, task in tasks.items():
+            by_date: dict[str, list[str]] = {}
+            for name, e in task["methods"].items():
+                by_date.setdefault(e.get("date", report["date"]), []).append(f"`{name}`")
+            if len(by_date) > 1:
+                lines += [
+                    f"- `{task_name}`: "
+                    + "; ".join(f"{d}: {', '.join(ns)}" for d, ns in sorted(by_date.items()))
+                ]
+        lines.append("")
+    lines += [
+        "## Summary: stable LR range (diverged, blew up)",
         "",
         "| method | " + " | ".join(f"`{t}`" for t in tasks) + " |",
         "|---|" + "---|" * len(tasks),
@@ -607,9 +778,12 @@ def markdown(report: dict[str, Any]) -> str:
     for name in methods:
         cells = []
         for task in tasks.values():
-            entry = task["methods"][name]
+            entry = task["methods"].get(name)
+            if entry is None:
+                cells.append("not run")
+                continue
             widest = max(e["stable_lr_points"] for e in task["methods"].values())
-            text = f"{_range(entry)}, {entry['divergence_rate']:.0%}"
+            text = f"{_range(entry)}, {entry['divergence_rate']:.0%}, {entry['blowup_rate']:.0%}"
             cells.append(f"**{text}**" if entry["stable_lr_points"] == widest else text)
         lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
     lines += ["", "Bold: widest (or tied-widest) stable range on that task.", ""]
@@ -621,14 +795,17 @@ def markdown(report: dict[str, Any]) -> str:
             + ", ".join(_lr(v) for v in task["lrs"])
             + ".",
             "",
-            "| method | diverged | median final loss | best LR (median loss) | stable LR range "
-            "| loss spikes / run | ms / step |",
-            "|---|---|---|---|---|---|---|",
+            "| method | diverged | blew up | median final loss | best LR (median loss) "
+            "| stable LR range | loss spikes / run | ms / step |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for name in methods:
-            e = task["methods"][name]
+            e = task["methods"].get(name)
+            if e is None:
+                continue
             lines.append(
-                f"| `{name}` | {e['diverged_runs']}/{e['runs']} | {_loss(e['median_final_loss'])} "
+                f"| `{name}` | {e['diverged_runs']}/{e['runs']} | {e['blown_up_runs']} "
+                f"| {_loss(e['median_final_loss'])} "
                 f"| {_lr(e['best_lr'])} ({_loss(e['best_lr_median_final_loss'])}) "
                 f"| {_range(e)} | {e['spikes_per_run']:.2f} | {e['ms_per_step']:.2f} |"
             )
@@ -695,6 +872,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=None, help="seeds per LR (default 3, quick 2)")
     parser.add_argument("--tasks", nargs="*", default=None, help="only these tasks")
     parser.add_argument("--methods", nargs="*", default=None, help="only these methods")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the entries of --out's stability.json that this run does not produce "
+        "(same grid; only for methods whose code did not change since that run)",
+    )
     args = parser.parse_args(argv)
 
     out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results"
@@ -737,6 +920,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in methods:
             options = QUICK_COMPILER_OPTIONS if args.quick else None
             result = evaluate(task, name, seeds, drawn, options)
+            result["date"] = report["date"]
             entry["methods"][name] = result
             print(
                 f"{task.name:>16} {name:<32} diverged {result['diverged_runs']:>2}/"
@@ -748,13 +932,15 @@ def main(argv: list[str] | None = None) -> int:
             )
         report["tasks"][task.name] = entry
     report["seconds"] = time.perf_counter() - started
+    if args.merge and (out / "stability.json").exists():
+        report = merge(json.loads((out / "stability.json").read_text()), report)
 
     (out / "stability.json").write_text(json.dumps(report, indent=1))
     (out / "stability.md").write_text(markdown(report))
     for task_name, task in report["tasks"].items():
         plot(task_name, task, out / f"stability_{task_name}.png")
     print(
-        f"wrote {out}/stability.json, stability.md and {len(tasks)} plots "
+        f"wrote {out}/stability.json, stability.md and {len(report['tasks'])} plots "
         f"in {report['seconds']:.0f} s"
     )
     return 0

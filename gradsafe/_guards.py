@@ -548,6 +548,15 @@ def _push(window: jax.Array, count: jax.Array, value: jax.Array, keep: jax.Array
     )
 
 
+def _restart(window: jax.Array, count: jax.Array, value: jax.Array, where: jax.Array):
+    """Where ``where``: a window holding ``value`` alone (count 1, or 0 if it is not finite)."""
+    fresh = jnp.zeros_like(window).at[-1].set(value)
+    return (
+        jnp.where(where, fresh, window),
+        jnp.where(where, jnp.isfinite(value).astype(jnp.int32), count).astype(jnp.int32),
+    )
+
+
 def skip_on_spike(
     inner: optax.GradientTransformation,
     *,
@@ -556,6 +565,7 @@ def skip_on_spike(
     min_history: int = 64,
     watch: Sequence[str] = ("loss", "norm"),
     record_refused: bool = False,
+    max_consecutive_skips: int | None = 8,
     axis_name: AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Refuse a step whose loss or gradient norm spikes above its recent history.
@@ -577,9 +587,17 @@ def skip_on_spike(
     With ``axis_name`` the loss is averaged and the norm reduced across devices, so every
     device keeps the same window and takes the same decision.
 
-    Because refused values stay out of the window, a lasting jump in the loss (not a spike,
-    a new level) is refused until the caller intervenes; pass ``record_refused=True`` to let
-    refused finite values into the window (as OLMo-core does), so the window follows a new
+    A spike is brief; a lasting jump of the loss or the norm is a new level, and refusing it
+    would freeze training for good (refused values never enter the window, so the statistics
+    would never move). So after ``max_consecutive_skips`` refusals in a row, the next step
+    that is refused only as a spike is accepted instead, and the statistics are re-based on
+    it: both windows restart from that step's values, and spikes are refused again once they
+    hold ``min_history`` values. A NaN or Inf in the gradient or the loss is never accepted
+    this way (a finite gradient whose norm overflows float32 counts as a spike), and the
+    inner update and new state are still checked as by :func:`skip_nonfinite`. With
+    ``max_consecutive_skips=None`` the guard refuses a new level until the caller intervenes
+    (the behaviour before this parameter existed); ``record_refused=True`` lets refused
+    finite values into the window instead (as OLMo-core does), so the window follows a new
     level after a while.
 
     Differences from the reference:
@@ -598,6 +616,8 @@ def skip_on_spike(
         an integer in ``[2, window]``.
       watch: which of ``"loss"`` and ``"norm"`` can trigger a refusal.
       record_refused: whether refused (finite) values also enter the window.
+      max_consecutive_skips: refusals in a row after which a spike is taken as a new level
+        (accepted, statistics re-based), an integer ``>= 1``, or None to refuse it forever.
       axis_name: mesh axis name(s) over which all devices must refuse together.
 
     Returns:
@@ -612,6 +632,21 @@ def skip_on_spike(
       >>> updates, state = tx.update(jnp.ones(1), state, value=jnp.array(9.0))
       >>> updates, gs.SKIP_REASONS[int(state.reason)], round(float(state.loss_mean), 3)
       (Array([0.], dtype=float32), 'loss_spike', 1.0)
+
+      A new level is accepted after ``max_consecutive_skips`` refusals:
+
+      >>> tx = gs.skip_on_spike(optax.sgd(0.1), window=4, min_history=2, max_consecutive_skips=2)
+      >>> state = tx.init(jnp.zeros(1))
+      >>> for loss in [1.0, 1.1, 0.9, 1.0, 9.0, 9.1, 9.0]:
+      ...     _, state = tx.update(jnp.ones(1), state, value=jnp.array(loss))
+      ...     print(bool(state.skipped), int(state.loss_count))
+      False 1
+      False 2
+      False 3
+      False 4
+      True 4
+      True 4
+      False 1
 
     References:
       Chowdhery et al., `PaLM: Scaling Language Modeling with Pathways
@@ -628,6 +663,7 @@ def skip_on_spike(
     watch = tuple(watch) if isinstance(watch, (tuple, list)) else watch
     if not isinstance(watch, tuple) or not watch or any(w not in _WATCHABLE for w in watch):
         raise ValueError(f"watch must be a non-empty subset of {_WATCHABLE}, got {watch!r}")
+    check_int("max_consecutive_skips", max_consecutive_skips, lower=1, allow_none=True)
     check_axis_name(axis_name)
     record_refused = bool(record_refused)
 
@@ -670,6 +706,15 @@ def skip_on_spike(
             loss_ready = state.loss_count >= min_history
             loss_spike = loss_ready & (loss - loss_mean > threshold * loss_std) & ("loss" in watch)
 
+        # After max_consecutive_skips refusals in a row a spike is a new level: give up
+        # refusing it. Only a spike: a NaN/Inf gradient entry or loss is still refused, and
+        # the inner update and state are still checked; a finite gradient whose norm
+        # overflows counts as a spike (refusing it forever would freeze the run).
+        give_up = jnp.array(False)
+        if max_consecutive_skips is not None:
+            give_up = state.consecutive_skips >= max_consecutive_skips
+            loss_spike = loss_spike & ~give_up
+            norm_spike = norm_spike & ~give_up
         reason = _first_reason(
             (_nonfinite(updates, axis_name), NONFINITE_GRADIENT),
             (loss_bad, NONFINITE_LOSS),
@@ -684,6 +729,10 @@ def skip_on_spike(
         loss_window, loss_count = _push(
             state.loss_window, state.loss_count, loss, record & jnp.isfinite(loss)
         )
+        # Re-base the statistics on the accepted new level.
+        rebase = give_up & ~outcome.skipped
+        norm_window, norm_count = _restart(norm_window, norm_count, norm, rebase)
+        loss_window, loss_count = _restart(loss_window, loss_count, loss, rebase)
         new_state = SkipOnSpikeState(
             skipped=outcome.skipped,
             reason=outcome.reason,

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -87,7 +88,7 @@ def _unzip(tree: Any, count: int) -> tuple[Any, ...]:
 # --------------------------------------------------------------------------------------------
 
 
-@register_stats("split_clip", "norm", "residual_norm", "count")
+@register_stats("split_clip", "norm", "residual_norm", "bound", "count")
 class SplitClipState(NamedTuple):
     """State of :func:`split_clip`.
 
@@ -95,6 +96,8 @@ class SplitClipState(NamedTuple):
       count: steps seen (int32, saturating).
       norm: the global norm of the incoming gradient, before the residual is added.
       residual_norm: the global norm of the residual carried to the next step.
+      bound: :math:`b`, the global norm of the clipper's output at the last step where it
+        clipped (0 before the first): the size the applied update is allowed to reach.
       residual: the carried part, one buffer per float leaf (float32, or the leaf's dtype when
         wider: float64, complex64, complex128); ``MaskedNode`` for other leaves.
       clip_state: the state of the clipper.
@@ -103,67 +106,121 @@ class SplitClipState(NamedTuple):
     count: jax.Array
     norm: jax.Array
     residual_norm: jax.Array
+    bound: jax.Array
     residual: Any
     clip_state: Any
+
+
+_RELEASES = ("room", "always")
+
+
+def _residual_buffer(params: Any) -> Any:
+    """A zero residual per float leaf, made with ``zeros_like`` so that it has the leaf's
+    sharding (under an explicit-sharding mesh too); ``MaskedNode`` for other leaves."""
+    return jax.tree.map(
+        lambda p: (
+            jnp.zeros_like(p, dtype=_buffer_dtype(p.dtype))
+            if is_float_leaf(p)
+            else optax.MaskedNode()
+        ),
+        params,
+    )
+
+
+def _fit_scale(tree: Any, peak: jax.Array, cap: jax.Array, axis_name: AxisName) -> jax.Array:
+    """The factor that brings the global norm of ``tree`` (finite entries, largest magnitude
+    ``peak``) down to ``cap``, computed on ``tree / peak`` so that it holds where the sum of
+    squares overflows float32 (the norm itself may be Inf there)."""
+    unit = jnp.where(peak > 0, peak, 1).astype(jnp.float32)
+    norm = global_norm(scale_tree(tree, 1 / unit), axis_name=axis_name).astype(jnp.float32)
+    return clip_scale(norm, cap / unit)
 
 
 def split_clip(
     clipper: optax.GradientTransformation | None = None,
     *,
+    release: str = "room",
     residual_decay: ScalarOrSchedule = 1.0,
+    max_residual_ratio: ScalarOrSchedule | None = 1.0,
     max_residual_norm: ScalarOrSchedule | None = None,
     axis_name: AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """Clip, and carry what clipping removed to the next step (U-Clip).
+    """Clip, and carry what clipping removed to later steps that have room for it.
 
-    With :math:`r_0 = 0`, decay :math:`\\gamma` = ``residual_decay`` and :math:`C` the clipper:
+    Split each gradient into the part the clipper :math:`C` lets through and the part it
+    removes; apply the first now and carry the second as a residual :math:`r` (U-Clip). With
+    :math:`r_0 = 0`, decay :math:`\\gamma` = ``residual_decay`` and :math:`v_t = g_t + \\gamma
+    r_{t-1}`:
 
-    .. math::
-        v_t = g_t + \\gamma\\, r_{t-1},\\qquad u_t = C(v_t),\\qquad r_t = v_t - u_t
+    * ``release="room"`` (default): the clipper sees the gradient alone, :math:`c_t =
+      C(g_t)`, and the residual fills only the room left under the bound :math:`b_t` (the
+      global norm of :math:`C`'s output at the last step where it clipped; for
+      ``clip_by_global_norm(c)`` it is :math:`c`):
 
-    and :math:`u_t` is the update. With :math:`\\gamma = 1` and no cap nothing is lost:
-    :math:`\\sum_{i \\le t} u_i + r_t = \\sum_{i \\le t} g_i`, so clipping delays large
-    gradients instead of discarding them and its bias stays bounded. ``residual_decay < 1``
-    forgets old residual geometrically; ``max_residual_norm`` scales :math:`r_t` down to that
-    global norm when it is larger. Both break the sum above on purpose (they drop mass), and are
-    design choices not studied in the paper.
+      .. math::
+          s_t = \\min\\Big(1, \\frac{\\max(b_t - \\|c_t\\|, 0)}{\\|\\gamma r_{t-1}\\|}\\Big),
+          \\qquad u_t = c_t + s_t\\,\\gamma r_{t-1}
 
-    Any gradsafe (or Optax) clipper can be ``clipper``: it sees :math:`v_t` (in float32),
-    ``params`` and the extra args, and its state lives in ``clip_state``. The residual is
-    computed from the update *after* it is cast back to the gradient's dtype, so float16 and
-    bfloat16 rounding is carried as well and the sum above holds to float32 rounding.
+      so :math:`\\|u_t\\| \\le \\max(\\|c_t\\|, b_t)`: the update is never larger than the
+      clipper allows, a run of large gradients is clipped exactly as by :math:`C` alone, and
+      the carried part comes back on quiet steps. :math:`C`'s statistics (an adaptive
+      threshold) see only the true gradients.
+    * ``release="always"``: U-Clip as published, :math:`u_t = C(v_t)`: the residual re-enters
+      at every step, also when the gradient is already at the bound.
 
-    When the incoming gradient's global norm is not finite (a NaN or Inf entry, or a float32
-    overflow) it passes through unchanged, so that a guard
-    (e.g. ``optax.apply_if_finite``) can refuse the step, and the residual is kept as it was,
-    never poisoned (the clipper's state still records the step). Integer, bool, ``None`` and
-    ``MaskedNode`` leaves pass through and have no residual.
+    In both, :math:`r_t = v_t - u_t`, then scaled down to the cap
+    :math:`\\min(k\\,b_t, R)` with :math:`k` = ``max_residual_ratio`` and :math:`R` =
+    ``max_residual_norm`` (either None: no such cap). With :math:`\\gamma = 1` and no cap
+    nothing is lost: :math:`\\sum_{i \\le t} u_i + r_t = \\sum_{i \\le t} g_i`. The caps and the
+    decay drop mass on purpose: without them a long run of gradients above the threshold
+    builds a residual that grows without bound (U-Clip's guarantee assumes the threshold is
+    above the gradients' typical norm) and comes back as a long push in an old direction;
+    the default cap keeps at most one bound's worth (measured in
+    ``benchmarks/results/stability.md``).
+
+    Any gradsafe (or Optax) clipper can be ``clipper``: it sees :math:`g_t` (``"room"``) or
+    :math:`v_t` (``"always"``) in the gradient's dtype, ``params`` and the extra args, and its
+    state lives in ``clip_state``. The residual is computed from the update *after* it is cast
+    back to the gradient's dtype, so float16 and bfloat16 rounding is carried as well.
+
+    When the incoming gradient has a NaN or Inf entry it passes through unchanged, so that a
+    guard (e.g. :func:`gradsafe.skip_nonfinite`) can refuse the step, and the residual and
+    bound are kept as they were (the clipper's state still records the step). A finite
+    gradient whose squared norm overflows float32 is clipped like any other (the residual's
+    cap is computed on rescaled values). Integer, bool, ``None`` and ``MaskedNode`` leaves pass
+    through and have no residual. The residual buffers are made with ``zeros_like`` of the
+    parameters, so they follow their sharding.
 
     Memory: one float32 per parameter (float64/complex for such leaves), plus the clipper's.
 
     Args:
-      clipper: the transform that bounds :math:`v_t`; default
-        ``gradsafe.clip_by_global_norm(1.0)``.
+      clipper: the transform that bounds the update; default
+        ``gradsafe.clip_by_global_norm(1.0, axis_name=axis_name)``.
+      release: ``"room"`` or ``"always"``, see above.
       residual_decay: :math:`\\gamma \\in [0, 1]`, the weight of the old residual; a number or
         a schedule ``step -> value``. 0 is plain clipping.
-      max_residual_norm: the largest global norm of the residual, ``>= 0``, or None for no
-        cap; a number or a schedule.
+      max_residual_ratio: :math:`k \\ge 0`, the largest residual norm as a multiple of the bound
+        :math:`b_t`, or None for no such cap; a number or a schedule.
+      max_residual_norm: :math:`R \\ge 0`, the largest global norm of the residual, or None for
+        no cap; a number or a schedule.
       axis_name: inside ``shard_map``/``pmap``, the mesh axis name(s) to reduce norms over, so
-        every device takes the same decision (give the clipper the same ``axis_name``).
+        every device takes the same decision (the default clipper gets it too; give your own
+        clipper the same ``axis_name``).
 
     Returns:
       A :class:`optax.GradientTransformationExtraArgs` with :class:`SplitClipState`.
 
     Example:
       >>> import jax.numpy as jnp, gradsafe as gs
-      >>> tx = gs.split_clip(gs.clip_by_value(1.0))
-      >>> state = tx.init(jnp.zeros(2))
-      >>> u, state = tx.update(jnp.array([3.0, 0.5]), state)
-      >>> u, state.residual
-      (Array([1. , 0.5], dtype=float32), Array([2., 0.], dtype=float32))
-      >>> u, state = tx.update(jnp.array([0.0, 0.0]), state)
-      >>> u, state.residual
-      (Array([1., 0.], dtype=float32), Array([1., 0.], dtype=float32))
+      >>> tx = gs.split_clip(gs.clip_by_global_norm(1.0))
+      >>> state = tx.init(jnp.zeros(1))
+      >>> for g in [3.0, 0.5, 0.0, 0.0]:   # clipped to 1 (carry 1, capped), then room 0.5, 1
+      ...     u, state = tx.update(jnp.array([g]), state)
+      ...     print(float(u[0]), float(state.residual[0]))
+      1.0 1.0
+      1.0 0.5
+      0.5 0.0
+      0.0 0.0
 
     References:
       Elesedy and Hutter, `U-Clip: On-Average Unbiased Stochastic Gradient Clipping
@@ -172,9 +229,14 @@ def split_clip(
     if clipper is None:
         from gradsafe._clipping import clip_by_global_norm
 
-        clipper = clip_by_global_norm(1.0)
+        check_axis_name(axis_name)
+        clipper = clip_by_global_norm(1.0, axis_name=axis_name)
     check_transform("clipper", clipper)
+    if release not in _RELEASES:
+        raise ValueError(f"release must be one of {_RELEASES}, got {release!r}")
     check_scalar("residual_decay", residual_decay, lower=0.0, upper=1.0)
+    if max_residual_ratio is not None:
+        check_scalar("max_residual_ratio", max_residual_ratio)
     if max_residual_norm is not None:
         check_scalar("max_residual_norm", max_residual_norm)
     check_axis_name(axis_name)
@@ -185,22 +247,44 @@ def split_clip(
             count=zero_count(),
             norm=jnp.zeros([], jnp.float32),
             residual_norm=jnp.zeros([], jnp.float32),
-            residual=_zeros_buffer(params),
+            bound=jnp.zeros([], jnp.float32),
+            residual=_residual_buffer(params),
             clip_state=inner.init(params),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
         decay = resolve(residual_decay, state.count)
         norm = global_norm(updates, axis_name=axis_name).astype(jnp.float32)
-        finite = jnp.isfinite(norm)  # the same on every device
+        # Finite entries, not a finite norm: a huge finite gradient must still be clipped. A
+        # NaN entry makes the summed norm NaN on every device; an Inf norm is an overflow
+        # exactly when the largest magnitude is finite.
+        peak = global_norm(updates, math.inf, axis_name=axis_name).astype(jnp.float32)
+        finite = jnp.isfinite(norm) | ((norm == jnp.inf) & jnp.isfinite(peak))
 
-        def combine(g: Any, r: Any) -> Any:
-            return g.astype(r.dtype) + scale_leaf(r, decay) if is_float_leaf(g) else g
+        def decayed(g: Any, r: Any) -> Any:
+            return scale_leaf(r, decay) if is_float_leaf(g) else r
 
-        combined = jax.tree.map(combine, updates, state.residual)
-        clipped, clip_state = inner.update(combined, state.clip_state, params, **extra_args)
-        # A non-finite gradient passes through as it came, for a guard to refuse; non-float
-        # leaves keep the incoming value whatever the clipper made of them.
+        carried = jax.tree.map(decayed, updates, state.residual)  # gamma * r, float32
+        combined = jax.tree.map(  # v = g + gamma * r, float32
+            lambda g, c: g.astype(c.dtype) + c if is_float_leaf(g) else g, updates, carried
+        )
+        seen = updates if release == "room" else combined
+        clipped, clip_state = inner.update(seen, state.clip_state, params, **extra_args)
+        out_norm = global_norm(clipped, axis_name=axis_name).astype(jnp.float32)
+        seen_norm = norm if release == "room" else global_norm(seen, axis_name=axis_name)
+        did_clip = finite & (out_norm < seen_norm.astype(jnp.float32))
+        bound = jnp.where(did_clip, out_norm, state.bound)
+        if release == "room":
+            carried_peak = global_norm(carried, math.inf, axis_name=axis_name)
+            room = jnp.maximum(bound - out_norm, 0)
+            share = _fit_scale(carried, carried_peak.astype(jnp.float32), room, axis_name)
+            clipped = jax.tree.map(
+                lambda u, c: u.astype(c.dtype) + scale_leaf(c, share) if is_float_leaf(u) else u,
+                clipped,
+                carried,
+            )
+        # A gradient with a NaN/Inf passes through as it came, for a guard to refuse;
+        # non-float leaves keep the incoming value whatever the clipper made of them.
         applied = map_float_leaves(
             lambda g, u: jnp.where(finite, u.astype(g.dtype), g), updates, clipped
         )
@@ -211,16 +295,23 @@ def split_clip(
             return jnp.where(finite, v - u.astype(v.dtype), old)
 
         residual = jax.tree.map(carry, updates, state.residual, combined, applied)
-        residual_norm = global_norm(residual, axis_name=axis_name).astype(jnp.float32)
+        caps = []
+        if max_residual_ratio is not None:
+            caps.append(resolve(max_residual_ratio, state.count) * bound)
         if max_residual_norm is not None:
-            cap = resolve(max_residual_norm, state.count)
-            scale = clip_scale(residual_norm, cap)
-            residual = scale_tree(residual, scale)
-            residual_norm = residual_norm * scale
+            caps.append(resolve(max_residual_norm, state.count))
+        if caps:
+            cap = functools.reduce(jnp.minimum, caps).astype(jnp.float32)
+            residual_peak = global_norm(residual, math.inf, axis_name=axis_name)
+            residual = scale_tree(
+                residual, _fit_scale(residual, residual_peak.astype(jnp.float32), cap, axis_name)
+            )
+        residual_norm = global_norm(residual, axis_name=axis_name).astype(jnp.float32)
         new_state = SplitClipState(
             count=safe_increment(state.count),
             norm=norm,
             residual_norm=residual_norm,
+            bound=bound,
             residual=residual,
             clip_state=clip_state,
         )

@@ -53,6 +53,13 @@ def test_quick_run_writes_json_markdown_and_plots(tmp_path):
             assert entry["runs"] == diverged.size
             assert entry["diverged_runs"] == int(diverged.sum())
             assert math.isclose(entry["divergence_rate"], diverged.mean())
+            blown_up = np.asarray(entry["blown_up"])
+            final = np.asarray(entry["final_loss"], np.float64)
+            initial = np.asarray(entry["initial_loss"])
+            expected = ~np.isfinite(final) | (final > stability.BLOWUP_FACTOR * initial)
+            np.testing.assert_array_equal(blown_up, expected)
+            assert not (blown_up & ~diverged).any()  # a blow-up is also a divergence
+            assert entry["blown_up_runs"] == int(blown_up.sum())
             assert entry["ms_per_step"] > 0
             span = entry["stable_lr_range"]
             if span is not None:  # the range holds exactly the LRs where no seed diverged
@@ -65,7 +72,7 @@ def test_every_method_builds_and_takes_a_step_with_the_loss():
     params = {"w": jnp.ones((3, 2), jnp.float32), "b": jnp.zeros((2,), jnp.float32)}
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
     for name, builder in stability.METHODS.items():
-        tx = builder(stability.optax.sgd(0.1))
+        tx = builder(stability.optax.sgd(0.1), 100)
         state = tx.init(params)
         updates, state = tx.update(grads, state, params, value=jnp.float32(1.0))
         assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates)), name
@@ -98,3 +105,41 @@ def test_tasks_draw_a_batch_per_step_and_a_fixed_held_out_batch(task):
         np.array_equal(a, b)
         for a, b in zip(jax.tree.leaves((params, train)), jax.tree.leaves(again[:2]), strict=True)
     )
+
+
+def _entry(final, initial, date):
+    lrs = (0.1, 1.0)
+    final = np.asarray(final, np.float64)
+    initial = np.asarray(initial, np.float64)
+    entry = {
+        "final_loss": final.tolist(),
+        "median_initial_loss": float(np.median(initial)),
+        "initial_loss": initial.tolist(),
+        "date": date,
+        **stability.blowup_fields(lrs, final, initial),
+    }
+    return lrs, entry
+
+
+def test_merge_keeps_the_runs_not_repeated_and_fills_the_blowup_criterion():
+    lrs, fresh = _entry([[1.0, 5.0], [0.5, 0.5]], [[2.0, 2.0], [2.0, 2.0]], "new")
+    _, kept = _entry([[9.0, 1.0], [np.inf, 1.0]], [[2.0, 2.0], [2.0, 2.0]], "old")
+    for key in ("blown_up", "blowup_rate", "blown_up_runs", "initial_loss", "date"):
+        del kept[key]  # as in a report written before the blow-up criterion
+    task = {"lrs": list(lrs), "steps": 10}
+    old = {"quick": False, "seeds": 2, "date": "old", "methods": ["none", "gs.zclip()"]}
+    old["tasks"] = {"t": {**task, "methods": {"none": kept, "gs.zclip()": kept}}}
+    new = {"quick": False, "seeds": 2, "date": "new", "methods": ["gs.zclip()"]}
+    new["tasks"] = {"t": {**task, "methods": {"gs.zclip()": fresh}}}
+    merged = stability.merge(old, new)
+    methods = merged["tasks"]["t"]["methods"]
+    assert merged["methods"] == ["none", "gs.zclip()"]  # METHODS order
+    assert methods["gs.zclip()"] is fresh or methods["gs.zclip()"] == fresh
+    assert methods["none"]["date"] == "old"
+    assert methods["none"]["blown_up"] == [[True, False], [True, False]]
+    assert merged["merged"] is True
+    with pytest.raises(ValueError, match="seeds"):
+        stability.merge({**old, "seeds": 3}, new)
+    moved = {**new, "tasks": {"t": {**new["tasks"]["t"], "lrs": [0.2, 1.0]}}}
+    with pytest.raises(ValueError, match="grid"):
+        stability.merge(old, moved)
