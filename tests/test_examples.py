@@ -6,6 +6,7 @@ write a PNG where ``--out`` says. These runs are slow (``pytest -m slow``, as CI
 """
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,9 @@ EXPECTED = {
     "sharded_train.py": ["EQUAL", "shard_map + axis_name", "P(None, 'model')"],
     "mixed_precision.py": ["OK", "float16 + scaling", "overflow steps refused", "hidden layers"],
     "sparse_regression.py": ["SUPPORT RECOVERED", "sgd + prox_l1 (ISTA)"],
+    "text_lm.py": ["byte-frequency baseline:", "stabilize: ZClip clipped", "update limit acted"],
 }
+VERDICTS = ("STABILIZE HELPED", "STABILIZE HURT", "NO CLEAR DIFFERENCE")
 
 
 def run_example(script: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -49,12 +52,38 @@ def test_example_quick_run(script, tmp_path):
     for line in EXPECTED[script]:
         assert line in result.stdout, f"{line!r} missing from the output of {script}:\n{log}"
     assert "NOT" not in result.stdout.splitlines()[-1], log
+    if script == "text_lm.py":
+        check_text_lm_verdict(result.stdout)
     # Log lines carry a few chosen figures, not every metric of the optimizer state.
     for line in result.stdout.splitlines():
         if line.startswith("step "):
             assert line.count("=") <= 8, line
     assert out.read_bytes()[:8] == PNG_MAGIC
     assert f"plot saved to {out}" in result.stdout
+
+
+def check_text_lm_verdict(stdout: str) -> None:
+    """The printed verdict is the one the script's stated criterion gives for its printed
+    figures: learned = final held-out loss below the byte-frequency baseline; a 5% margin."""
+    baseline = float(re.search(r"byte-frequency baseline: ([\d.]+)", stdout).group(1))
+    final = {
+        name: float(value)
+        for name, value in re.findall(r"^(AdamW|stabilize\(AdamW\))\s+(\S+)\s", stdout, re.M)
+    }
+    plain, safe = final["AdamW"], final["stabilize(AdamW)"]
+    plain_ok, safe_ok = plain < baseline, safe < baseline  # NaN compares False: not learned
+    if safe_ok != plain_ok:
+        expected = "STABILIZE HELPED" if safe_ok else "STABILIZE HURT"
+    elif not safe_ok:
+        expected = "NO CLEAR DIFFERENCE"
+    elif safe <= 0.95 * plain:
+        expected = "STABILIZE HELPED"
+    elif plain <= 0.95 * safe:
+        expected = "STABILIZE HURT"
+    else:
+        expected = "NO CLEAR DIFFERENCE"
+    printed = [line for line in stdout.splitlines() if line.startswith(VERDICTS)]
+    assert len(printed) == 1 and printed[0].startswith(expected + ":"), (expected, printed)
 
 
 @pytest.mark.slow
