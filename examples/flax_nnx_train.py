@@ -103,7 +103,7 @@ def batch_kind(step: int, spike_every: int, nan_step: int) -> str:
 
 # The figures worth a log line: the norm ZClip saw and its threshold, whether it clipped and
 # whether that was a z-score spike, and the guard's verdict. `gs.metrics` returns all of them
-# (16 fields for this stack); log the rest only when debugging.
+# (and more); log the rest only when debugging.
 LOGGED = ("zclip/norm", "zclip/threshold", "zclip/spike")
 
 
