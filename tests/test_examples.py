@@ -100,3 +100,16 @@ def test_every_example_is_tested():
     tests = "".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py"))
     untested = [p.name for p in EXAMPLES.glob("*.py") if f'"{p.name}"' not in tests]
     assert not untested
+
+
+def test_slow_list_names_existing_tests():
+    """Every entry of conftest's SLOW_TESTS names a test file (and test) that exists, so a
+    renamed test cannot silently move into the fast suite's time."""
+    from conftest import SLOW_TESTS
+
+    tests = Path(__file__).parent
+    for entry in SLOW_TESTS:
+        file, _, name = entry.partition("::")
+        assert (tests / file).is_file(), entry
+        if name:
+            assert f"def {name}(" in (tests / file).read_text(), entry
