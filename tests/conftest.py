@@ -21,11 +21,20 @@ hypothesis.settings.register_profile(
 hypothesis.settings.load_profile("gradsafe")
 
 # "file.py" marks every test of that file slow; "file.py::test_name" marks one test (all of
-# its parametrizations). Entries are the benchmark scripts' end-to-end quick runs.
+# its parametrizations). Entries: the benchmark scripts' end-to-end quick runs, and the tests
+# that `pytest --durations=60` showed taking 25-170 s each on a loaded 2-core machine (eager
+# property tests over many hypothesis examples), ten times the typical test.
 SLOW_TESTS = frozenset(
     {
         "test_benchmarks.py",
         "test_stability_benchmark.py::test_quick_run_writes_json_markdown_and_plots",
+        "test_clipping.py::test_block_rms_reaches_target_like_optax_tests",
+        "test_clipping.py::test_leaf_norm_property",
+        "test_clipping.py::test_block_rms_property",
+        "test_clipping.py::test_global_norm_bounds_direction_idempotence",
+        "test_clipping.py::test_agc_matches_optax",
+        "test_clipping.py::test_value_property",
+        "test_regularization.py::test_add_l2_equals_grad_of_penalty_and_optax",
     }
 )
 
