@@ -21,9 +21,10 @@ hypothesis.settings.register_profile(
 hypothesis.settings.load_profile("gradsafe")
 
 # "file.py" marks every test of that file slow; "file.py::test_name" marks one test (all of
-# its parametrizations). Entries: the benchmark scripts' end-to-end quick runs, and the tests
-# that `pytest --durations=60` showed taking 25-170 s each on a loaded 2-core machine (eager
-# property tests over many hypothesis examples), ten times the typical test.
+# its parametrizations); "file.py::test_name[id]" one parametrization. Entries: the benchmark
+# scripts' end-to-end quick runs, and the tests that `pytest --durations=60` showed taking
+# 25-170 s each on a loaded 2-core machine (eager property tests over many hypothesis
+# examples), ten times the typical test.
 SLOW_TESTS = frozenset(
     {
         "test_benchmarks.py",
@@ -31,6 +32,9 @@ SLOW_TESTS = frozenset(
         "test_clipping.py::test_block_rms_reaches_target_like_optax_tests",
         "test_clipping.py::test_leaf_norm_property",
         "test_clipping.py::test_block_rms_property",
+        "test_clipping.py::test_agc_property",
+        "test_clipping.py::test_jit_equals_eager[adaptive_grad_clip]",
+        "test_clipping.py::test_jit_equals_eager[clip_by_block_rms]",
         "test_clipping.py::test_global_norm_bounds_direction_idempotence",
         "test_clipping.py::test_agc_matches_optax",
         "test_clipping.py::test_value_property",
@@ -43,5 +47,5 @@ SLOW_TESTS = frozenset(
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         file, name = item.path.name, getattr(item, "originalname", item.name)
-        if file in SLOW_TESTS or f"{file}::{name}" in SLOW_TESTS:
+        if {file, f"{file}::{name}", f"{file}::{item.name}"} & SLOW_TESTS:
             item.add_marker(pytest.mark.slow)
