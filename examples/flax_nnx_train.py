@@ -14,7 +14,8 @@ The optimizer is the only line that changes from a plain NNX loop::
     optimizer = nnx.Optimizer(model, gs.stabilize(optax.adamw(1e-3)), wrt=nnx.Param)
     optimizer.update(model, grads, value=loss)   # the loss goes to the guards as `value`
 
-Every ``--log-every`` steps it logs ``gs.metrics(optimizer.opt_state)``; at the end it saves a
+Every ``--log-every`` steps it logs a few chosen figures of ``gs.metrics(optimizer.opt_state)``
+(the gradient norm, ZClip's threshold, clip and refusal counts); at the end it saves a
 plot of the loss, the gradient norm (with ZClip's threshold) and the clip/refusal events.
 
 Run it::
@@ -100,6 +101,22 @@ def batch_kind(step: int, spike_every: int, nan_step: int) -> str:
     return "clean"
 
 
+# The figures worth a log line: the norm ZClip saw and its threshold, whether it clipped and
+# whether that was a z-score spike, and the guard's verdict. `gs.metrics` returns all of them
+# (and more); log the rest only when debugging.
+LOGGED = ("zclip/norm", "zclip/threshold", "zclip/spike")
+
+
+def log_line(step: int, loss: float, stats: dict, history: dict[str, list]) -> str:
+    """One readable line: the loss, a few chosen metrics, and clip/refusal counts so far."""
+    shown = "  ".join(f"{name}={float(stats[name]):.4g}" for name in LOGGED)
+    reason = gs.SKIP_REASONS[int(stats["skip_nonfinite/reason"])]
+    return (
+        f"step {step}: loss={loss:.4g}  {shown}  clipped so far={sum(history['clipped'])}  "
+        f"refused so far={sum(history['skipped'])} (this step: {reason})"
+    )
+
+
 def plot(history: dict[str, np.ndarray], out: Path) -> None:
     steps = np.arange(len(history["loss"]))
     fig, (ax_loss, ax_norm) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
@@ -155,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     initial_test_loss = float(eval_loss(model, test_x, test_y))
 
     keys = jax.random.split(jax.random.key(1), args.steps)
-    history: dict[str, list] = {k: [] for k in ("loss", "norm", "threshold", "clipped", "skipped")}
+    fields = ("loss", "norm", "threshold", "clipped", "spike", "skipped")
+    history: dict[str, list] = {k: [] for k in fields}
     for step in tqdm(range(args.steps), desc="training", disable=None):
         x, y = make_batch(keys[step], batch_kind(step, args.spike_every, nan_step))
         loss, stats = train_step(model, optimizer, x, y)
@@ -163,10 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         history["norm"].append(float(stats["zclip/norm"]))
         history["threshold"].append(float(stats["zclip/threshold"]))
         history["clipped"].append(bool(stats["zclip/clipped"]))
+        history["spike"].append(bool(stats["zclip/spike"]))
         history["skipped"].append(bool(stats["skip_nonfinite/skipped"]))
         if step % args.log_every == 0 or step == args.steps - 1:
-            shown = "  ".join(f"{k}={float(v):.4g}" for k, v in stats.items())
-            tqdm.write(f"step {step}: loss={float(loss):.4g}  {shown}")
+            tqdm.write(log_line(step, float(loss), stats, history))
 
     arrays = {k: np.asarray(v) for k, v in history.items()}
     plot(arrays, args.out)
@@ -178,7 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         batch_kind(s, args.spike_every, nan_step) == "corrupted" for s in range(args.steps)
     )
     print(f"test loss: {initial_test_loss:.4f} at the start, {final_test_loss:.4f} at the end")
-    print(f"corrupted batches: {corrupted}, steps clipped: {int(arrays['clipped'].sum())}")
+    print(
+        f"corrupted batches: {corrupted}, steps clipped: {int(arrays['clipped'].sum())} "
+        f"(z-score spikes: {int(arrays['spike'].sum())}; the other clipped steps are those "
+        "above ZClip's default cap max_norm=1.0)"
+    )
     print(f"steps refused (non-finite): {int(arrays['skipped'].sum())}")
     print(f"plot saved to {args.out}")
 

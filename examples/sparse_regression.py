@@ -114,12 +114,31 @@ def main(argv: list[str] | None = None) -> int:
     fig, (ax_w, ax_nz) = plt.subplots(1, 2, figsize=(12, 4))
     index = np.arange(FEATURES)
     ax_w.vlines(index, 0, np.asarray(w_true), color="k", lw=1.5, label="true weights")
-    for (name, (w, _, _)), color in zip(results.items(), ["C0", "C1", "C2"], strict=True):
-        ax_w.scatter(index, w, s=14, color=color, label=name, alpha=0.85, zorder=3)
+    # Distinct markers and line styles: two runs can leave the same count (all 200 weights
+    # non-zero) and their lines would otherwise hide each other.
+    looks = [("C0", "o", "-"), ("C1", "x", "--"), ("C2", "s", ":")]
+    for order, ((name, (w, _, _)), (color, marker, _)) in enumerate(
+        zip(results.items(), looks, strict=True)
+    ):
+        # Hollow squares under the others: the crosses drawn over them stay visible.
+        colors = {"color": color} if marker != "s" else {"facecolors": "none", "edgecolors": color}
+        zorder = 2 if marker == "s" else 5 - order
+        ax_w.scatter(index, w, s=24, marker=marker, label=name, zorder=zorder, **colors)
     ax_w.set(xlabel="feature", ylabel="weight", title="true vs estimated weights")
     ax_w.legend(fontsize=8)
-    for name, (_, nonzeros, _) in results.items():
-        ax_nz.plot(nonzeros, label=name)
+    every = max(1, args.steps // 12)
+    for (name, (_, nonzeros, _)), (color, marker, style) in zip(
+        results.items(), looks, strict=True
+    ):
+        ax_nz.plot(
+            nonzeros,
+            color=color,
+            ls=style,
+            lw=1.8,
+            marker=marker,
+            markevery=(looks.index((color, marker, style)) * every // 3, every),
+            label=f"{name}: {int(nonzeros[-1])} at the end",
+        )
     ax_nz.axhline(NONZEROS, color="k", ls="--", lw=0.8, label="true non-zeros")
     ax_nz.set(xlabel="step", ylabel="count", title="exactly non-zero weights", yscale="log")
     ax_nz.legend(fontsize=8)

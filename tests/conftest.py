@@ -1,7 +1,16 @@
-"""Test configuration: 8 virtual CPU devices (sharding tests run anywhere) and strict dtypes."""
+"""Test configuration: 8 virtual CPU devices (sharding tests run anywhere), strict dtypes, and
+the ``slow`` marker for tests in files whose owners mark them here.
+
+Slow tests (a script, notebook or benchmark run end to end in a subprocess) are deselected by
+default (``addopts`` in pyproject.toml has ``-m 'not slow'``); ``pytest -m slow`` runs only
+them, and CI runs both. Mark a slow test with ``@pytest.mark.slow`` (or a whole module with
+``pytestmark = pytest.mark.slow``); ``SLOW_TESTS`` below marks tests by name where that is
+simpler than editing the file.
+"""
 
 import hypothesis
 import jax
+import pytest
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
@@ -10,3 +19,34 @@ hypothesis.settings.register_profile(
     "gradsafe", max_examples=40, deadline=None, derandomize=True, print_blob=True
 )
 hypothesis.settings.load_profile("gradsafe")
+
+# "file.py" marks every test of that file slow; "file.py::test_name" marks one test (all of
+# its parametrizations); "file.py::test_name[id]" one parametrization. Entries: the benchmark
+# scripts' end-to-end quick runs, and the tests that `pytest --durations=60` showed taking
+# 25-170 s each on a loaded 2-core machine (eager property tests over many hypothesis
+# examples), ten times the typical test.
+SLOW_TESTS = frozenset(
+    {
+        "test_benchmarks.py",
+        "test_stability_benchmark.py::test_quick_run_writes_json_markdown_and_plots",
+        "test_clipping.py::test_block_rms_reaches_target_like_optax_tests",
+        "test_clipping.py::test_leaf_norm_property",
+        "test_clipping.py::test_block_rms_property",
+        "test_clipping.py::test_agc_property",
+        "test_clipping.py::test_jit_equals_eager",
+        "test_numerics.py::test_global_norm_matches_numpy",
+        "test_numerics.py::test_packed_global_norm_equals_the_per_leaf_one[1.0]",
+        "test_clipping.py::test_global_norm_bounds_direction_idempotence",
+        "test_clipping.py::test_agc_matches_optax",
+        "test_clipping.py::test_value_property",
+        "test_regularization.py::test_add_l2_equals_grad_of_penalty_and_optax",
+    }
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before the `-m` selection reads the markers
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        file, name = item.path.name, getattr(item, "originalname", item.name)
+        if {file, f"{file}::{name}", f"{file}::{item.name}"} & SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
