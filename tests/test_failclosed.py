@@ -537,7 +537,7 @@ def test_finite_gradient_gives_finite_output_within_the_bound(name, dtype_name):
 
     # No shrinking: a failure's message prints the whole example, and shrinking one (many
     # more examples) would multiply this file's time while defects are open.
-    @settings(max_examples=25, database=None, phases=[Phase.explicit, Phase.generate])
+    @settings(max_examples=20, database=None, phases=[Phase.explicit, Phase.generate])
     @given(grads=entries(dtype), params=params_entries(dtype))
     def run(grads, params):
         check(name, dtype_name, grads, params)
