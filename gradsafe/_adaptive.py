@@ -21,6 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gradsafe._checks import (
+    check_axis_name,
+    check_bool,
+    check_choice,
+    check_int,
+    check_scalar,
+    is_traced,
+)
 from gradsafe._metrics import register_stats
 from gradsafe._numerics import (
     TORCH_NORM_EPS,
@@ -28,25 +36,28 @@ from gradsafe._numerics import (
     ScalarOrSchedule,
     abs_sq,
     accumulation_dtype,
-    check_axis_name,
-    check_choice,
-    check_int,
-    check_scalar,
     float_leaves,
     global_norm,
     is_float_leaf,
-    is_traced,
+    largest,
     leaf_norm,
+    leaf_norms_of,
+    magnitude,
     map_float_leaves,
+    nonnegative,
+    norm_of_norms,
     reduce_across_devices,
     resolve,
     safe_increment,
     safe_sqrt,
     scale_leaf,
     scale_tree,
-    torch_clip_scale,
     zero_count,
 )
+from gradsafe._numerics import (
+    clip_factor as clip_to,
+)
+from gradsafe._stats import Moments, running_moments
 
 _F32 = jnp.float32
 _INF = float("inf")
@@ -64,19 +75,23 @@ def _one_minus(hyperparameter: ScalarOrSchedule, count: jax.Array) -> jax.Array:
     return 1 - resolve(hyperparameter, count)
 
 
-def _clip_to(norm: jax.Array, threshold: jax.Array) -> jax.Array:
-    """ZClip's and AdaGC's factor: ``t / (N + eps)`` when ``N > t``, else exactly 1."""
-    clip = norm > threshold
-    return jnp.where(clip, threshold / jnp.where(clip, norm + TORCH_NORM_EPS, 1.0), 1.0)
-
-
 # --------------------------------------------------------------------------------------------
 # zclip
 # --------------------------------------------------------------------------------------------
 
 
 @register_stats(
-    "zclip", "norm", "threshold", "scale", "clipped", "spike", "zscore", "mean", "var", "count"
+    "zclip",
+    "norm",
+    "threshold",
+    "scale",
+    "clipped",
+    "spike",
+    "capped",
+    "zscore",
+    "mean",
+    "var",
+    "count",
 )
 class ZClipState(NamedTuple):
     """State of :func:`zclip`.
@@ -91,8 +106,12 @@ class ZClipState(NamedTuple):
       scale: the factor applied to every leaf.
       clipped: whether the norm exceeded the threshold (the torch-style warm-up clip also
         scales a norm just below ``max_norm`` by :math:`c/(N+10^{-6})`; that is not counted).
-      spike: whether this step's norm was flagged as a spike (never during warm-up).
+      spike: whether this step's norm was flagged as a z-score spike (never during warm-up).
       zscore: :math:`z = (N - \\mu) / (\\sigma + \\epsilon)` (0 during warm-up).
+      capped: whether the fixed cap ``max_norm`` clipped this step, i.e. the norm exceeded
+        it and it was the bound in force (during warm-up, or when it is below the adaptive
+        threshold, or on a step that is no spike). A step can be a ``spike``, ``capped``,
+        both or neither; ``clipped`` is whether the gradient was scaled down for any reason.
     """
 
     count: jax.Array
@@ -105,6 +124,7 @@ class ZClipState(NamedTuple):
     clipped: jax.Array
     spike: jax.Array
     zscore: jax.Array
+    capped: jax.Array
 
 
 def zclip(
@@ -149,9 +169,13 @@ def zclip(
       * The warm-up keeps a running mean and variance (Welford) instead of a list of norms:
         O(1) state, equal to the two-pass figures to float32 rounding. ``warmup_steps=0``
         behaves as 1, as in the reference.
-      * A non-finite norm passes the gradient through unchanged and leaves the statistics
+      * A gradient holding NaN or Inf passes through unchanged and leaves the statistics
         alone (the reference would poison its mean forever); pair with
-        :func:`gradsafe.skip_nonfinite` to refuse such steps.
+        :func:`gradsafe.skip_nonfinite` to refuse such steps. A finite gradient whose float32
+        sum of squares overflows (norm above ~1.8e19) has a finite norm here (see
+        :func:`gradsafe.global_norm`) and is clipped; the reference's norm is Inf there.
+      * ``capped`` in the state tells a clip by the fixed ``max_norm`` apart from a z-score
+        ``spike``; the reference records neither.
       * Statistics are float32 arrays in the state (jittable, checkpointable), not Python
         floats synchronised to the host every step.
 
@@ -195,6 +219,7 @@ def zclip(
     check_choice("mode", mode, ("zscore", "percentile"))
     check_choice("clip_option", clip_option, ("adaptive_scaling", "mean"))
     check_scalar("clip_factor", clip_factor, lower=0.0, lower_inclusive=False)
+    check_bool("skip_update_on_spike", skip_update_on_spike)
     check_axis_name(axis_name)
 
     def init_fn(params: Any) -> ZClipState:
@@ -212,6 +237,7 @@ def zclip(
             clipped=jnp.array(False),
             spike=jnp.array(False),
             zscore=zero,
+            capped=jnp.array(False),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -229,13 +255,7 @@ def zclip(
         x = jax.lax.stop_gradient(norm)
         warming = state.samples < warmup
 
-        # Warm-up: Welford running mean and population variance.
-        k = (state.samples + 1).astype(_F32)
-        delta = x - state.mean
-        warm_mean = state.mean + delta / k
-        warm_var = (state.var * state.samples.astype(_F32) + delta * (x - warm_mean)) / k
-
-        # Adaptive phase.
+        # Adaptive phase (the norm is finite for every finite gradient, see global_norm).
         std = safe_sqrt(state.var)
         z = (x - state.mean) / (std + eps_)
         if mode == "percentile":
@@ -248,33 +268,38 @@ def zclip(
                 adaptive = state.mean
             spike = z > zt
         spike = jnp.logical_and(spike, ~warming)
-        ema_input = jnp.where(spike, adaptive, x)
-        rest = _one_minus(alpha, count)
-        ema_mean = a * state.mean + rest * ema_input
-        ema_var = a * state.var + rest * jnp.square(ema_input - ema_mean)
-        if skip_update_on_spike:
-            ema_mean = jnp.where(spike, state.mean, ema_mean)
-            ema_var = jnp.where(spike, state.var, ema_var)
+        moments = running_moments(
+            Moments(state.mean, state.var),
+            state.samples,
+            x,
+            warming=warming,
+            ema_input=jnp.where(spike, adaptive, x),
+            weight=a,
+            rest=_one_minus(alpha, count),
+            form="zclip",
+            frozen=spike if skip_update_on_spike else False,
+        )
 
         threshold = jnp.where(warming, cap, jnp.minimum(jnp.where(spike, adaptive, _INF), cap))
         threshold = jax.lax.stop_gradient(threshold)
-        warm_scale = jnp.ones([], _F32) if max_norm is None else torch_clip_scale(norm, threshold)
-        scale = jnp.where(warming, warm_scale, _clip_to(norm, threshold))
-        scale = jnp.where(finite, scale, 1.0)
-
-        new_mean = jnp.where(warming, warm_mean, ema_mean)
-        new_var = jnp.where(warming, warm_var, ema_var)
+        if max_norm is None:
+            warm_scale = jnp.ones([], _F32)
+        else:  # torch's clip_grad_norm_ factor, also applied just below the cap
+            warm_scale = clip_to(norm, threshold, eps=TORCH_NORM_EPS, always=True)
+        scale = jnp.where(warming, warm_scale, clip_to(norm, threshold, eps=TORCH_NORM_EPS))
+        clipped = finite & (x > threshold)
         new_state = ZClipState(
             count=safe_increment(count),
             samples=jnp.where(finite & warming, state.samples + 1, state.samples),
-            mean=jnp.where(finite, new_mean, state.mean),
-            var=jnp.where(finite, new_var, state.var),
+            mean=moments.mean,
+            var=moments.var,
             norm=x,
             threshold=threshold,
             scale=jax.lax.stop_gradient(scale),
-            clipped=finite & (x > threshold),
+            clipped=clipped,
             spike=spike,
             zscore=jnp.where(warming, 0.0, z),
+            capped=clipped & (max_norm is not None) & (threshold >= cap),
         )
         return scale_tree(updates, scale), new_state
 
@@ -406,8 +431,9 @@ def autoclip(
     Differences from the reference:
       * The reference keeps the whole history (O(T) memory, an O(T log T) percentile each
         step on the host); ``window=None`` estimates it, ``window=W`` bounds it.
-      * A non-finite norm does not join the history and passes the gradient through
-        unchanged (the reference's clip would turn it into NaN).
+      * A gradient holding NaN or Inf does not join the history and passes through
+        unchanged (the reference's clip would turn it into NaN). A finite gradient whose
+        float32 squares overflow has a finite norm here and is clipped.
 
     Args:
       percentile: :math:`p \\in [0, 100]`; a number or a schedule (P² adapts gradually to a
@@ -490,7 +516,7 @@ def autoclip(
             positions = jnp.where(finite, positions, state.positions)
             threshold = _p2_estimate(history, samples, q)
         threshold = jax.lax.stop_gradient(threshold)
-        scale = jnp.where(finite, torch_clip_scale(norm, threshold), 1.0)
+        scale = clip_to(norm, threshold, eps=TORCH_NORM_EPS, always=True)
         new_state = AutoClipState(
             count=safe_increment(state.count),
             samples=samples,
@@ -566,8 +592,11 @@ def adagc(
     to zero afterwards, as in the reference.
 
     Differences from the reference:
-      * A non-finite norm leaves that :math:`\\gamma_i` unchanged and its tensor unclipped
-        (the reference's EMA would become NaN for good).
+      * A tensor holding NaN or Inf leaves its :math:`\\gamma_i` unchanged and passes
+        unclipped (the reference's EMA would become NaN for good). A finite tensor whose
+        float32 squares overflow has a finite norm here and is clipped.
+      * ``update`` raises ``ValueError`` when the updates have a different number of float
+        leaves than ``init`` saw (``scope="leaf"``), instead of broadcasting :math:`\\gamma`.
       * The warm-up post-clip norm is :math:`n_i` times the clip factor rather than a norm
         recomputed from the clipped tensor: equal to float32 rounding.
 
@@ -631,9 +660,15 @@ def adagc(
         warming = count < jnp.asarray(warmup_steps, jnp.int32)
         leaves = float_leaves(updates)
         if scope == "leaf":
-            norms = [leaf_norm(x, 2, axis_name=axis_name).astype(_F32) for x in leaves]
-            norms = jnp.stack(norms) if norms else jnp.zeros([0], _F32)
-            total = safe_sqrt(jnp.sum(jnp.square(norms)))
+            if len(leaves) != state.gamma.shape[0]:
+                raise ValueError(
+                    f"adagc: the updates have {len(leaves)} float leaves but the state was "
+                    f"initialised for {state.gamma.shape[0]}; pass updates with the tree "
+                    "given to init"
+                )
+            leaf_list = leaf_norms_of(leaves, 2, axis_name=axis_name)
+            norms = jnp.stack([n.astype(_F32) for n in leaf_list]) if leaves else jnp.zeros([0])
+            total = norm_of_norms(leaf_list)
         else:
             total = global_norm(updates, axis_name=axis_name).astype(_F32)
             norms = total
@@ -642,20 +677,20 @@ def adagc(
         total_finite = jnp.isfinite(total)
 
         # Warm-up: global clip, gamma = smallest post-clip norm.
-        warm_factor = cap / (jax.lax.stop_gradient(total) + eps_)
-        warm_clip = (warm_factor < 1) & total_finite
-        warm_scale = jnp.where(warm_clip, warm_factor, 1.0)
+        cap = nonnegative(cap)
+        warm_scale = clip_to(jax.lax.stop_gradient(total), cap, eps=eps_, always=True)
+        warm_clip = (warm_scale < 1) & total_finite
         post = jnp.minimum(n, cap) if scope == "global" else n * warm_scale
         warm_gamma = jnp.where(finite, jnp.minimum(state.gamma, post), state.gamma)
 
         # Adaptive phase.
         previous = jnp.where(jnp.isinf(state.gamma), n, state.gamma)
-        bound = ratio * previous
+        bound = nonnegative(ratio * previous)
         clip = (n > bound) & finite
-        adaptive_scale = jnp.where(clip, bound / jnp.where(clip, n + eps_, 1.0), 1.0)
+        adaptive_scale = clip_to(n, bound, eps=eps_)
         effective = jnp.where(clip, bound, n)
         ema = previous * decay + effective * _one_minus(beta, count)
-        adaptive_gamma = jnp.where(finite, ema, state.gamma)
+        adaptive_gamma = jnp.where(finite, jnp.minimum(ema, largest(_F32)), state.gamma)
 
         scales = jnp.where(warming, warm_scale, adaptive_scale)
         clipped_any = jnp.where(warming, warm_clip, jnp.any(clip))
@@ -664,7 +699,7 @@ def adagc(
             updates = scale_tree(updates, scales)
             smallest = scales
         else:
-            bounds_norm = safe_sqrt(jnp.sum(jnp.square(jnp.where(jnp.isinf(bound), 0.0, bound))))
+            bounds_norm = leaf_norm(jnp.where(jnp.isinf(bound), 0.0, bound))
             threshold = jnp.where(warming, cap, bounds_norm)
             remaining = iter(range(len(leaves)))
             updates = map_float_leaves(lambda x: scale_leaf(x, scales[next(remaining)]), updates)
@@ -737,9 +772,14 @@ def spike_clip(
     while ``step % K < warmup_steps``. The default ``None`` never resets.
 
     Differences from the reference:
-      * Squares are taken in float32 (float64 under x64) whatever the gradient's dtype, and
-        a non-finite entry passes through and leaves its :math:`v_j` unchanged (the
-        reference's :math:`v_j` would stay NaN and never clip that entry again).
+      * Squares are taken in float32 (float64 under x64) whatever the gradient's dtype, the
+        test compares :math:`|g_j|` with :math:`\\sqrt{\\theta}\\sqrt{v_j}` (no overflow for
+        finite entries), and a non-finite entry passes through and leaves its :math:`v_j`
+        unchanged (the reference's :math:`v_j` would stay NaN and never clip that entry
+        again).
+      * An entry with :math:`v_j = 0` (no history: every earlier gradient of it was 0, or a
+        reset) is not clipped; the reference cuts it to 0. So ``warmup_steps`` of 0 or 1 is
+        safe: the first step cannot zero every update and then keep :math:`v` at 0 forever.
       * Complex entries are clipped on their modulus, keeping their phase.
 
     Args:
@@ -773,8 +813,9 @@ def spike_clip(
     check_axis_name(axis_name)
 
     def init_fn(params: Any) -> SpikeClipState:
+        # zeros_like keeps each parameter's sharding (explicit-sharding meshes need it).
         nu = jax.tree.map(
-            lambda x: jnp.zeros(x.shape, accumulation_dtype(x.dtype)) if is_float_leaf(x) else None,
+            lambda x: jnp.zeros_like(x, accumulation_dtype(x.dtype)) if is_float_leaf(x) else None,
             params,
         )
         zero = jnp.zeros([], _F32)
@@ -790,7 +831,7 @@ def spike_clip(
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         count = state.count
-        theta = resolve(threshold, count)
+        theta = nonnegative(resolve(threshold, count))
         decay = resolve(beta2, count)
         rest = _one_minus(beta2, count)
         step = count + 1  # SPAM's current_step, counted from 1
@@ -802,7 +843,6 @@ def spike_clip(
             active = active & (jnp.mod(step, interval) >= warmup_steps)
         nus, treedef = jax.tree.flatten(state.nu, is_leaf=lambda x: x is None)
         grads = treedef.flatten_up_to(updates)
-        squares: list[jax.Array] = []
         hits: list[jax.Array] = []
         leaves: list[jax.Array] = []
         sizes: list[int] = []
@@ -815,36 +855,34 @@ def spike_clip(
                 continue
             acc = nu.dtype
             nu = jnp.where(reset, jnp.zeros_like(nu), nu)
-            square = abs_sq(g).astype(acc)
-            bound_sq = theta.astype(acc) * nu
-            hit = active & (square > bound_sq) & jnp.isfinite(square)
-            magnitude = jnp.sqrt(bound_sq)
+            # Magnitudes, not squares: g^2 overflows float32 for |g| > 1.8e19.
+            size = magnitude(g).astype(acc)
+            bound = jnp.sqrt(theta.astype(acc)) * jnp.sqrt(nu)
+            # v = 0 means no history for the entry: it is never clipped against it.
+            hit = active & (nu > 0) & (size > bound) & jnp.isfinite(size)
             if jnp.iscomplexobj(g):
                 direction = g / jnp.where(hit, jnp.abs(g), 1).astype(g.dtype)
-                clipped = direction * magnitude.astype(g.dtype)
+                clipped = direction * bound.astype(g.dtype)
             else:
-                clipped = jnp.sign(g) * magnitude.astype(g.dtype)
+                clipped = jnp.sign(g) * bound.astype(g.dtype)
             out = jnp.where(hit, clipped, g)
-            new_square = abs_sq(out).astype(acc)
+            new_square = jnp.minimum(abs_sq(out).astype(acc), largest(acc))
             new_nu = decay.astype(acc) * nu + rest.astype(acc) * new_square
-            new_nus.append(jnp.where(jnp.isfinite(new_square), new_nu, nu))
+            new_nus.append(jnp.where(jnp.isfinite(size), new_nu, nu))
             outputs.append(out)
-            squares.append(jnp.sum(square))
             hits.append(jnp.sum(hit.astype(_F32)))
             leaves.append(g)
             sizes.append(g.size)
         new_updates = treedef.unflatten(outputs)
         new_nu = treedef.unflatten(new_nus)
+        norm = global_norm(leaves, axis_name=axis_name).astype(_F32)
         if leaves:
-            total_sq = reduce_across_devices(squares, leaves, axis_name)
             total_hits = reduce_across_devices(hits, leaves, axis_name)
             total_size = reduce_across_devices(
                 [jnp.asarray(s, _F32) for s in sizes], leaves, axis_name
             )
-            norm = safe_sqrt(total_sq.astype(_F32))
             fraction = total_hits / jnp.maximum(total_size, 1.0)
         else:
-            norm = jnp.zeros([], _F32)
             fraction = jnp.zeros([], _F32)
         new_state = SpikeClipState(
             count=safe_increment(count),

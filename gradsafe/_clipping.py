@@ -7,33 +7,37 @@ schedules ``step -> value`` (threshold decay).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from gradsafe._metrics import register_stats
-from gradsafe._numerics import (
-    AxisName,
-    ScalarOrSchedule,
-    abs_sq,
-    accumulation_dtype,
+from gradsafe._checks import (
+    check_axis,
     check_axis_name,
     check_choice,
     check_norm_type,
     check_scalar,
-    clip_scale,
+    require_params,
+)
+from gradsafe._metrics import register_stats
+from gradsafe._numerics import (
+    AxisName,
+    ScalarOrSchedule,
+    accumulation_dtype,
+    clip_factor,
     float_leaves,
     global_norm,
     is_float_leaf,
-    leaf_norm,
+    leaf_norms_of,
     map_float_leaves,
-    require_params,
+    nonnegative,
+    norm_of_norms,
     resolve,
     safe_increment,
-    safe_sqrt,
     scale_leaf,
     scale_tree,
     torch_clip_scale,
@@ -117,7 +121,7 @@ def clip_by_value(max_delta: ScalarOrSchedule) -> optax.GradientTransformationEx
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
-        bound = resolve(max_delta, state.count)
+        bound = nonnegative(resolve(max_delta, state.count))
         flags: list[jax.Array] = []
 
         def clip_one(x: jax.Array) -> jax.Array:
@@ -237,7 +241,7 @@ def clip_by_global_norm(
         if semantics == "torch":
             scale = torch_clip_scale(norm, threshold)
         else:
-            scale = clip_scale(norm, threshold)
+            scale = clip_factor(norm, threshold)
         new_state = ClipByGlobalNormState(
             count=safe_increment(state.count),
             norm=norm.astype(jnp.float32),
@@ -309,18 +313,14 @@ def clip_by_leaf_norm(
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         threshold = resolve(max_norm, state.count)
-        norms = [leaf_norm(x, 2, axis_name=axis_name) for x in float_leaves(updates)]
-        scales = iter([clip_scale(n, threshold) for n in norms])
-        updates = map_float_leaves(lambda x: scale_leaf(x, next(scales)), updates)
-        total = (
-            safe_sqrt(cast(jax.Array, sum(jnp.square(n.astype(jnp.float32)) for n in norms)))
-            if norms
-            else 0.0
-        )
-        smallest = _smallest([clip_scale(n, threshold) for n in norms])
+        norms = leaf_norms_of(float_leaves(updates), 2, axis_name=axis_name)
+        factors = [clip_factor(n, threshold) for n in norms]
+        remaining = iter(factors)
+        updates = map_float_leaves(lambda x: scale_leaf(x, next(remaining)), updates)
+        smallest = _smallest(factors)
         new_state = ClipByLeafNormState(
             count=safe_increment(state.count),
-            norm=jnp.asarray(total, jnp.float32),
+            norm=norm_of_norms(norms),
             scale=smallest,
             threshold=threshold,
             clipped=smallest < 1,
@@ -357,8 +357,12 @@ def clip_by_block_rms(threshold: ScalarOrSchedule) -> optax.GradientTransformati
               r_i / \\tau & r_i > \\tau \\end{cases}
 
     The same numbers as ``optax.clip_by_block_rms`` for finite leaves (Adafactor's update
-    clipping). Unlike it, a zero leaf with ``threshold=0`` stays zero (not NaN), a leaf with a
-    non-finite RMS passes through unchanged, and integer leaves are not turned into floats.
+    clipping), to float32 rounding: the leaf is multiplied by :math:`\tau / r_i` in float32
+    (and cast back) rather than divided by :math:`r_i / \tau` in its own dtype, so float16
+    leaves are clipped correctly where the divisor would overflow float16. Unlike Optax, a
+    zero leaf with ``threshold=0`` stays zero (not NaN), a leaf holding NaN or Inf passes
+    through unchanged, a finite leaf whose squares overflow float32 is still clipped, and
+    integer leaves are not turned into floats.
 
     Args:
       threshold: the largest allowed RMS of each leaf, ``>= 0``; a number or a schedule.
@@ -385,23 +389,19 @@ def clip_by_block_rms(threshold: ScalarOrSchedule) -> optax.GradientTransformati
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         bound = resolve(threshold, state.count)
-        squares = [jnp.sum(abs_sq(x)) for x in float_leaves(updates)]
-        denominators = []
-        for x, square in zip(float_leaves(updates), squares, strict=True):
-            rms = safe_sqrt(square / max(x.size, 1))
-            keep = jnp.logical_or(rms <= bound, ~jnp.isfinite(rms))
-            denominators.append(jnp.where(keep, 1, rms / jnp.where(keep, 1, bound)))
-        remaining = iter(denominators)
-        updates = map_float_leaves(lambda x: x / next(remaining).astype(x.dtype), updates)
-        total = (
-            safe_sqrt(cast(jax.Array, sum(s.astype(jnp.float32) for s in squares)))
-            if squares
-            else 0.0
-        )
-        smallest = _smallest([1 / d for d in denominators])
+        leaves = float_leaves(updates)
+        norms = leaf_norms_of(leaves, 2)
+        # rms = norm / sqrt(size), taken from the overflow-safe norm.
+        factors = [
+            clip_factor(n / math.sqrt(max(x.size, 1)), bound)
+            for x, n in zip(leaves, norms, strict=True)
+        ]
+        remaining = iter(factors)
+        updates = map_float_leaves(lambda x: scale_leaf(x, next(remaining)), updates)
+        smallest = _smallest(factors)
         new_state = ClipByBlockRmsState(
             count=safe_increment(state.count),
-            norm=jnp.asarray(total, jnp.float32),
+            norm=norm_of_norms(norms),
             scale=smallest,
             threshold=bound,
             clipped=smallest < 1,
@@ -497,6 +497,7 @@ def adaptive_grad_clip(
     """
     check_scalar("clipping", clipping)
     check_scalar("eps", eps, allow_schedule=False)
+    check_axis("axis", axis)
 
     def init_fn(params: Any) -> AdaptiveGradClipState:
         del params
@@ -512,31 +513,42 @@ def adaptive_grad_clip(
         excluded = exclude(params) if callable(exclude) else exclude
         if excluded is None:
             excluded = jax.tree.map(lambda _: False, updates)
-        scales: list[jax.Array] = []
-        squares: list[jax.Array] = []
+        flat, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)
+        weights = treedef.flatten_up_to(params)
+        skips = treedef.flatten_up_to(excluded)
+        grads = [g for g in flat if is_float_leaf(g)]
 
-        def clip_leaf(g: Any, w: Any, skip: Any) -> Any:
+        def axes_of(x: jax.Array) -> Any:
+            return unit_axes(x.shape, axis)
+
+        # Unit norms of all leaves at once (one overflow check for the gradients, one for
+        # the parameters).
+        g_norms = iter(leaf_norms_of(grads, 2, axis=axes_of, keepdims=True))
+        w_leaves = [w for g, w in zip(flat, weights, strict=True) if is_float_leaf(g)]
+        w_norms = iter(leaf_norms_of(w_leaves, 2, axis=axes_of, keepdims=True))
+        scales: list[jax.Array] = []
+        unit_norms: list[jax.Array] = []
+
+        def clip_leaf(g: Any, skip: Any) -> Any:
             if not is_float_leaf(g):
                 return g
-            axes = unit_axes(g.shape, axis)
-            g_norm = leaf_norm(g, 2, axis=axes, keepdims=True)
-            squares.append(jnp.sum(jnp.square(g_norm)).astype(jnp.float32))
+            g_norm, w_norm = next(g_norms), next(w_norms).astype(ratio.dtype)
+            unit_norms.append(g_norm)
             if isinstance(skip, bool) and skip:
                 return g
-            w_norm = leaf_norm(w, 2, axis=axes, keepdims=True).astype(g_norm.dtype)
-            max_norm = ratio.astype(g_norm.dtype) * jnp.maximum(w_norm, eps)
-            keep = jnp.logical_or(g_norm <= max_norm, ~jnp.isfinite(g_norm))
-            keep = jnp.logical_or(keep, jnp.asarray(skip))
-            divisor = jnp.where(keep, 1, jnp.maximum(g_norm, AGC_DIV_EPS))
-            scale = jnp.where(keep, 1, max_norm / divisor)
+            max_norm = ratio.astype(g_norm.dtype) * jnp.maximum(w_norm, eps).astype(g_norm.dtype)
+            scale = clip_factor(g_norm, max_norm, floor=AGC_DIV_EPS)
+            scale = jnp.where(jnp.asarray(skip), jnp.ones_like(scale), scale)
             scales.append(scale)
             return scale_leaf(g, scale)
 
-        updates = jax.tree.map(clip_leaf, updates, params, excluded)
+        updates = treedef.unflatten(
+            [clip_leaf(g, skip) for g, skip in zip(flat, skips, strict=True)]
+        )
         smallest = _smallest(scales)
         new_state = AdaptiveGradClipState(
             count=safe_increment(state.count),
-            norm=safe_sqrt(sum(squares, jnp.zeros([], jnp.float32))),
+            norm=norm_of_norms(unit_norms),
             scale=smallest,
             clipped=smallest < 1,
         )

@@ -16,20 +16,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gradsafe._checks import check_axis_name, check_int, check_scalar
 from gradsafe._metrics import register_stats
 from gradsafe._numerics import (
     AxisName,
     ScalarOrSchedule,
-    check_axis_name,
-    check_int,
-    check_scalar,
     global_norm,
+    nonnegative,
     resolve,
     safe_increment,
     safe_sqrt,
     scale_tree,
     zero_count,
 )
+from gradsafe._stats import Moments, running_moments
 
 # Added to the standard deviation before dividing (ZClip's value).
 Z_SCORE_EPS = 1e-6
@@ -232,7 +232,8 @@ def cooldown_on_spike(
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         threshold = resolve(z_thresh, state.count)
-        low = resolve(factor, state.count)
+        # A traced factor out of [0, 1] must not reverse or amplify the updates.
+        low = jnp.minimum(nonnegative(resolve(factor, state.count)), 1.0)
         weight = jnp.asarray(alpha, jnp.float32)
         ramp = jnp.asarray(recovery_steps, jnp.float32)
         norm = global_norm(updates, axis_name=axis_name).astype(jnp.float32)
@@ -243,19 +244,19 @@ def cooldown_on_spike(
         z = jnp.where(finite & warm, (norm - state.mean) / (std + Z_SCORE_EPS), 0.0)
         spike = finite & warm & (z > threshold)
 
-        # Warm-up: exact running mean and population variance (Welford).
-        n = (state.samples + 1).astype(jnp.float32)
-        delta = jnp.where(finite, norm, 0.0) - state.mean
-        warm_mean = state.mean + delta / n
-        warm_var = state.var + (delta * (jnp.where(finite, norm, 0.0) - warm_mean) - state.var) / n
-        # Afterwards: EMAs fed the norm, capped on a spike.
-        capped = jnp.where(spike, state.mean + threshold * std, norm)
-        ema_delta = jnp.where(finite, capped, 0.0) - state.mean
-        ema_mean = state.mean + (1 - weight) * ema_delta
-        ema_var = weight * (state.var + (1 - weight) * jnp.square(ema_delta))
-        mean = jnp.where(finite, jnp.where(warm, ema_mean, warm_mean), state.mean)
-        var = jnp.where(finite, jnp.where(warm, ema_var, warm_var), state.var)
-
+        # Exact mean and variance over the warm-up, then EMAs fed the norm, capped on a
+        # spike so that one spike does not inflate them.
+        moments = running_moments(
+            Moments(state.mean, state.var),
+            state.samples,
+            norm,
+            warming=~warm,
+            ema_input=jnp.where(spike, state.mean + threshold * std, norm),
+            weight=weight,
+            rest=1 - weight,
+            form="incremental",
+        )
+        mean, var = moments
         since = jnp.where(spike, 0, safe_increment(state.steps_since_spike))
         progress = since.astype(jnp.float32) / jnp.where(ramp > 0, ramp, 1.0)
         cosine = (1 - jnp.cos(math.pi * jnp.minimum(progress, 1.0))) / 2

@@ -21,20 +21,28 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import jax
-import jax.core
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+# Argument checks live in gradsafe._checks; these names stay importable from here.
+from gradsafe._checks import (
+    NO_PARAMS_MSG,  # noqa: F401
+    check_axis,  # noqa: F401
+    check_axis_name,  # noqa: F401
+    check_bool,  # noqa: F401
+    check_choice,  # noqa: F401
+    check_int,  # noqa: F401
+    check_norm_type,
+    check_scalar,  # noqa: F401
+    check_transform,  # noqa: F401
+    is_traced,
+    require_params,  # noqa: F401
+)
+
 AxisName = str | tuple[str, ...] | None
 Schedule = Callable[[jax.Array], jax.typing.ArrayLike]
 ScalarOrSchedule = float | jax.typing.ArrayLike | Schedule
-
-# The message Optax raises when a transform that needs params gets none.
-NO_PARAMS_MSG = (
-    "You are using a transformation that requires the current value of parameters, but you are"
-    " not passing `params` when calling `update`."
-)
 
 # --------------------------------------------------------------------------------------------
 # Leaf rules and dtypes
@@ -42,18 +50,48 @@ NO_PARAMS_MSG = (
 
 
 def is_float_leaf(x: Any) -> bool:
-    """Whether ``x`` is an array that gradsafe transforms (real floating or complex dtype)."""
+    """Whether ``x`` is an array that gradsafe transforms (real floating or complex dtype).
+
+    Raises:
+      ValueError: for a Python ``float`` or ``complex`` leaf. Such a leaf has no dtype, so it
+        could be neither clipped in place nor counted consistently; convert the tree with
+        ``jax.tree.map(jnp.asarray, tree)``. (Python ``int`` and ``bool`` leaves pass through,
+        like integer arrays.)
+    """
+    if isinstance(x, (float, complex)) and not isinstance(x, np.generic):
+        raise ValueError(
+            f"gradsafe transforms arrays, got a Python {type(x).__name__} leaf {x!r}; convert"
+            " the tree first, e.g. jax.tree.map(jnp.asarray, tree)"
+        )
     dtype = getattr(x, "dtype", None)
     if dtype is None or dtype == jax.dtypes.float0:
         return False
     return bool(jnp.issubdtype(dtype, jnp.inexact))
 
 
+def compute_dtype(*dtypes: Any) -> jnp.dtype:
+    """The dtype gradsafe computes in for leaves of ``dtypes``: the one rule for all modules.
+
+    float32, or float64 when any input is float64/complex128 (only under x64); complex64 /
+    complex128 when any input is complex. float16 and bfloat16 are widened to float32, so
+    sums, products and scale factors never round or overflow in a half-precision format.
+    Per-parameter buffers are kept in this dtype; results are cast back to each leaf's dtype.
+    """
+    wide = any(jnp.dtype(d) in (jnp.dtype(jnp.float64), jnp.dtype(jnp.complex128)) for d in dtypes)
+    if any(jnp.issubdtype(d, jnp.complexfloating) for d in dtypes):
+        return jnp.dtype(jnp.complex128 if wide else jnp.complex64)
+    return jnp.dtype(jnp.float64 if wide else jnp.float32)
+
+
 def accumulation_dtype(dtype: Any) -> jnp.dtype:
-    """float64 for float64/complex128 leaves (only possible under x64), float32 otherwise."""
-    if jnp.dtype(dtype) in (jnp.dtype(jnp.float64), jnp.dtype(jnp.complex128)):
-        return jnp.dtype(jnp.float64)
-    return jnp.dtype(jnp.float32)
+    """The real part of :func:`compute_dtype`: float64 for 64-bit leaves, float32 otherwise."""
+    wide = compute_dtype(dtype) in (jnp.dtype(jnp.float64), jnp.dtype(jnp.complex128))
+    return jnp.dtype(jnp.float64 if wide else jnp.float32)
+
+
+def largest(dtype: Any) -> jax.Array:
+    """The largest finite value of the real ``dtype``, as a scalar of that dtype."""
+    return jnp.asarray(jnp.finfo(dtype).max, dtype)
 
 
 def float_leaves(tree: Any) -> list[jax.Array]:
@@ -94,34 +132,15 @@ def safe_sqrt(x: jax.Array) -> jax.Array:
 # Norm types
 # --------------------------------------------------------------------------------------------
 
-_NORM_TYPES = (1.0, 2.0, math.inf)
-
-
-def is_traced(x: Any) -> bool:
-    """Whether ``x`` is a tracer (e.g. a hyperparameter under ``inject_hyperparams`` + ``jit``)."""
-    return isinstance(x, jax.core.Tracer)
-
-
-def check_norm_type(norm_type: Any) -> None:
-    """Raise ``ValueError`` unless ``norm_type`` is 1, 2 or inf (or an array, checked later)."""
-    if isinstance(norm_type, str):
-        if norm_type.lower() not in ("inf", "infinity"):
-            raise ValueError(f"norm_type must be 1, 2 or inf, got {norm_type!r}")
-        return
-    if is_traced(norm_type) or callable(norm_type):
-        return
-    value = np.asarray(norm_type)
-    if value.shape != () or float(value) not in _NORM_TYPES:
-        raise ValueError(f"norm_type must be 1, 2 or inf, got {norm_type!r}")
-
 
 def _static_norm_type(norm_type: Any) -> float | None:
-    """``norm_type`` as 1.0, 2.0 or inf when known in Python, else None (traced)."""
-    if isinstance(norm_type, str):
-        return math.inf
+    """``norm_type`` as 1.0, 2.0 or inf when known in Python (checked), else None (traced)."""
     if is_traced(norm_type):
         return None
-    return float(np.asarray(norm_type))
+    check_norm_type(norm_type)
+    if isinstance(norm_type, str):
+        return math.inf
+    return float(np.asarray(norm_type).reshape(()).astype(np.float64))
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,16 +176,28 @@ def _sharded_axes(x: Any, axes: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(a for a in tracked if a in varying) + untracked
 
 
+def _collective(x: jax.Array, axes: tuple[str, ...], op: str) -> jax.Array:
+    """``psum`` or ``pmax`` over ``axes``; the max is NaN when any device holds a NaN.
+
+    XLA's cross-device max drops NaN (it keeps the other operand), so a NaN on one shard would
+    vanish where ``jnp.max`` on one device keeps it: a count of NaNs is summed alongside.
+    """
+    if op == "sum":
+        return jax.lax.psum(x, axes)
+    nans = jax.lax.psum(jnp.isnan(x).astype(jnp.int32), axes)
+    return jnp.where(nans > 0, jnp.asarray(jnp.nan, x.dtype), jax.lax.pmax(x, axes))
+
+
 def reduce_across_devices(
     values: Sequence[jax.Array], leaves: Sequence[jax.Array], axis_name: AxisName, op: str = "sum"
 ) -> jax.Array:
     """Sum (or max) per-leaf scalars over the tree and over the devices of ``axis_name``.
 
     ``values[i]`` is leaf ``i``'s local contribution; leaves replicated along an axis are
-    reduced once, not once per device. ``op`` is ``"sum"`` or ``"max"``.
+    reduced once, not once per device. ``op`` is ``"sum"`` or ``"max"`` (NaN-propagating on
+    every device, as on one).
     """
     combine = jnp.sum if op == "sum" else jnp.max
-    collective = jax.lax.psum if op == "sum" else jax.lax.pmax
     axes = _axis_names(axis_name)
     groups: dict[tuple[str, ...], list[jax.Array]] = {}
     for value, leaf in zip(values, leaves, strict=True):
@@ -174,7 +205,7 @@ def reduce_across_devices(
     totals = []
     for group_axes, group in groups.items():
         total = combine(jnp.stack(group))
-        totals.append(collective(total, group_axes) if group_axes else total)
+        totals.append(_collective(total, group_axes, op) if group_axes else total)
     return combine(jnp.stack(totals))
 
 
@@ -185,27 +216,84 @@ def reduce_leaf_across_devices(
     axes = _sharded_axes(leaf, _axis_names(axis_name)) if axis_name is not None else ()
     if not axes:
         return value
-    return (jax.lax.psum if op == "sum" else jax.lax.pmax)(value, axes)
+    return _collective(value, axes, op)
 
 
 # --------------------------------------------------------------------------------------------
 # Norms
+#
+# Fail closed on overflow: a float32 sum of squares overflows once the norm passes ~1.8e19,
+# although every entry may be finite. The cheap sum is taken first; only when it is not finite
+# (rare) a ``lax.cond`` branch takes the largest magnitude ``m``: if it is finite the norm is
+# recomputed as ``m * ||x / m||``, which cannot overflow before the norm itself does. So a norm
+# is NaN or Inf exactly when the input holds a NaN or Inf, and a finite input whose true norm
+# exceeds the largest float32 (entries near 3.4e38) reports that largest float32. Every clipper
+# can then keep its rule "non-finite norm: pass the input through for a guard".
 # --------------------------------------------------------------------------------------------
+
+
+def magnitude(x: jax.Array) -> jax.Array:
+    """``|x|`` element-wise in the accumulation dtype (the modulus for complex entries)."""
+    acc = accumulation_dtype(x.dtype)
+    if jnp.iscomplexobj(x):
+        return jnp.hypot(x.real.astype(acc), x.imag.astype(acc))
+    return jnp.abs(x.astype(acc))
 
 
 def _leaf_power_sum(x: jax.Array, norm_type: float, axis: Any = None, keepdims=False):
     """Per-leaf local reduction: sum |x|^2 (2), sum |x| (1) or max |x| (inf)."""
     if norm_type == 2.0:
         return jnp.sum(abs_sq(x), axis=axis, keepdims=keepdims)
-    magnitude = safe_sqrt(abs_sq(x)) if jnp.iscomplexobj(x) else jnp.abs(x)
-    magnitude = magnitude.astype(accumulation_dtype(x.dtype))
+    size = magnitude(x)
     if norm_type == 1.0:
-        return jnp.sum(magnitude, axis=axis, keepdims=keepdims)
-    return jnp.max(magnitude, axis=axis, keepdims=keepdims, initial=0)  # 0 for empty leaves
+        return jnp.sum(size, axis=axis, keepdims=keepdims)
+    return jnp.max(size, axis=axis, keepdims=keepdims, initial=0)  # 0 for empty leaves
 
 
 def _finish(total: jax.Array, norm_type: float) -> jax.Array:
     return safe_sqrt(total) if norm_type == 2.0 else total
+
+
+def _rescaled_power_sum(x: jax.Array, peak: jax.Array, norm_type: float, axis: Any, keepdims):
+    """``sum |x / peak|^p`` (p = 1, 2) with ``peak`` broadcastable to ``x`` (0 taken as 1).
+
+    Divided twice by ``sqrt(peak)``: XLA may divide by multiplying with the reciprocal, and
+    ``1 / peak`` is subnormal (flushed to zero) for ``peak`` above 8.5e37 in float32. The
+    barrier keeps XLA from merging the two divisions back into one.
+    """
+    size = magnitude(x)
+    peak = peak.astype(size.dtype)
+    root = jnp.sqrt(jnp.where(peak > 0, peak, 1))
+    ratio = jax.lax.optimization_barrier(size / root) / root
+    power = jnp.square(ratio) if norm_type == 2.0 else ratio
+    return jnp.sum(power, axis=axis, keepdims=keepdims)
+
+
+def _unscale(norm: jax.Array, peak: jax.Array, rescaled: jax.Array) -> jax.Array:
+    """``peak * rescaled`` saturated at the largest float; ``norm`` where the input held
+    NaN or Inf (its peak is not finite)."""
+    exact = jnp.minimum(peak * rescaled, largest(norm.dtype))
+    return jnp.where(jnp.isfinite(peak), exact.astype(norm.dtype), norm)
+
+
+def _trustworthy(norm: jax.Array) -> jax.Array:
+    """Whether a cheaply computed norm needs no rescaling: finite, and 0 or large enough
+    that squares which underflowed (entries below ~1e-19 in float32) are lost in rounding."""
+    finfo = jnp.finfo(norm.dtype)
+    small = math.sqrt(float(finfo.tiny)) / float(finfo.eps)
+    return jnp.all(jnp.isfinite(norm) & ((norm == 0) | (norm >= small)))
+
+
+def _on_overflow(norms: list[jax.Array], recompute: Callable[[], list[jax.Array]]):
+    """``norms`` if all are trustworthy, else ``recompute()`` (one ``lax.cond`` for the list).
+
+    The rare branch runs when a sum of squares overflowed (or underflowed); the common path
+    costs one scalar test.
+    """
+    if not norms:
+        return norms
+    ok = jnp.all(jnp.stack([_trustworthy(n) for n in norms]))
+    return jax.lax.cond(ok, lambda: norms, recompute)
 
 
 # Leaves of at most this many entries are reduced together (see pack_small_leaves).
@@ -249,20 +337,43 @@ def _static_global_norm(tree: Any, norm_type: float, axis_name: AxisName) -> jax
     leaves = pack_small_leaves(float_leaves(tree), axis_name)
     if not leaves:
         return jnp.zeros((), dtype)
-    values = [_leaf_power_sum(x, norm_type).astype(dtype) for x in leaves]
-    op = "max" if norm_type == math.inf else "sum"
-    return _finish(reduce_across_devices(values, leaves, axis_name, op), norm_type)
+
+    def reduce(values: list[jax.Array], op: str) -> jax.Array:
+        return reduce_across_devices([v.astype(dtype) for v in values], leaves, axis_name, op)
+
+    peaks = [_leaf_power_sum(x, math.inf) for x in leaves]
+    if norm_type == math.inf:
+        return reduce(peaks, "max")
+    norm = _finish(reduce([_leaf_power_sum(x, norm_type) for x in leaves], "sum"), norm_type)
+
+    def recompute() -> list[jax.Array]:
+        peak = reduce(peaks, "max")
+        sums = [
+            _rescaled_power_sum(x, peak.astype(x.real.dtype), norm_type, None, False)
+            for x in leaves
+        ]
+        return [_unscale(norm, peak, _finish(reduce(sums, "sum"), norm_type))]
+
+    return _on_overflow([norm], recompute)[0]
 
 
 def _dispatch_norm_type(norm_type: Any, compute: Callable[[float], Any]) -> Any:
-    """Run ``compute(p)`` for a static norm type, or ``lax.switch`` over 1, 2, inf when traced."""
+    """Run ``compute(p)`` for a static norm type, or ``lax.switch`` over 1, 2, inf when traced.
+
+    A traced norm type other than 1, 2 or inf gives NaN (a clipper then passes the update
+    through unchanged, flagged non-finite, for a guard to refuse).
+    """
     static = _static_norm_type(norm_type)
     if static is not None:
         return compute(static)
-    p = jnp.asarray(norm_type, jnp.float32)
-    index = jnp.where(p == 1, 0, jnp.where(p == 2, 1, 2))
+    p = jnp.asarray(norm_type, jnp.float32).reshape(())
+    index = jnp.where(p == 1, 0, jnp.where(p == 2, 1, jnp.where(p == jnp.inf, 2, 3)))
+
+    def invalid() -> Any:
+        return jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), compute(2.0))
+
     return jax.lax.switch(
-        index, [lambda: compute(1.0), lambda: compute(2.0), lambda: compute(math.inf)]
+        index, [lambda: compute(1.0), lambda: compute(2.0), lambda: compute(math.inf), invalid]
     )
 
 
@@ -273,10 +384,86 @@ def global_norm(tree: Any, norm_type: Any = 2, *, axis_name: AxisName = None) ->
 
     with :math:`p \\in \\{1, 2, \\infty\\}` (max over entries for inf).
 
-    Accumulated in float32 (float64 for float64 leaves); finite derivative at zero. With
-    ``axis_name`` (inside ``shard_map``/``pmap``) the local sums are reduced across devices.
+    Accumulated in float32 (float64 for float64 leaves); finite derivative at zero. A finite
+    input never gets a non-finite norm: when the float32 sum overflows, the norm is recomputed
+    from the entries divided by the largest magnitude (and saturates at the largest float32
+    if even the true norm exceeds it). NaN or Inf entries give a NaN or Inf norm. With
+    ``axis_name`` (inside ``shard_map``/``pmap``) the local sums are reduced across devices,
+    and the inf-norm is NaN when any device holds a NaN.
+
+    Args:
+      tree: any pytree; only its float leaves count.
+      norm_type: 1, 2 (default) or inf (``"inf"`` too).
+      axis_name: mesh axis name(s) to reduce over inside ``shard_map``/``pmap``.
+
+    Returns:
+      A scalar in float32 (float64 for float64 leaves).
+
+    Raises:
+      ValueError: for a ``norm_type`` other than 1, 2 or inf.
+
+    Example:
+      >>> import jax.numpy as jnp, gradsafe as gs
+      >>> float(gs.global_norm({"a": jnp.array([3.0]), "b": jnp.array([4.0])}))
+      5.0
+      >>> float(gs.global_norm(jnp.array([3e19, 4e19])))   # float32 squares overflow
+      4.9999998e+19
+
+    References:
+      Pascanu, Mikolov and Bengio, `On the difficulty of training recurrent neural networks
+      <https://arxiv.org/abs/1211.5063>`_, ICML 2013.
     """
     return _dispatch_norm_type(norm_type, lambda p: _static_global_norm(tree, p, axis_name))
+
+
+def leaf_norms_of(
+    leaves: Sequence[jax.Array],
+    norm_type: Any = 2,
+    *,
+    axis: Callable[[jax.Array], Any] | Any = None,
+    keepdims: bool = False,
+    axis_name: AxisName = None,
+) -> list[jax.Array]:
+    """The norm of each array in ``leaves`` (over ``axis``), in its accumulation dtype.
+
+    ``axis`` may be a function ``leaf -> axes``. Overflow is handled as in
+    :func:`global_norm`, with one ``lax.cond`` for the whole list.
+    """
+    leaves = list(leaves)
+
+    def axes_of(x: jax.Array) -> Any:
+        return axis(x) if callable(axis) else axis
+
+    def compute(p: float) -> list[jax.Array]:
+        op = "max" if p == math.inf else "sum"
+        norms = [
+            _finish(
+                reduce_leaf_across_devices(
+                    _leaf_power_sum(x, p, axes_of(x), keepdims), x, axis_name, op
+                ),
+                p,
+            )
+            for x in leaves
+        ]
+        if p == math.inf:
+            return norms
+
+        def recompute() -> list[jax.Array]:
+            fixed = []
+            for x, norm in zip(leaves, norms, strict=True):
+                peak = reduce_leaf_across_devices(
+                    _leaf_power_sum(x, math.inf, axes_of(x), True), x, axis_name, "max"
+                )
+                local = _rescaled_power_sum(x, peak, p, axes_of(x), keepdims)
+                total = _finish(reduce_leaf_across_devices(local, x, axis_name, "sum"), p)
+                if not keepdims:
+                    peak = jnp.reshape(peak, total.shape)
+                fixed.append(_unscale(norm, peak, total))
+            return fixed
+
+        return _on_overflow(norms, recompute)
+
+    return _dispatch_norm_type(norm_type, compute)
 
 
 def leaf_norm(
@@ -287,14 +474,20 @@ def leaf_norm(
     keepdims: bool = False,
     axis_name: AxisName = None,
 ) -> jax.Array:
-    """The norm of one float array (over ``axis``), in its accumulation dtype."""
+    """The norm of one float array (over ``axis``), in its accumulation dtype.
 
-    def compute(p: float) -> jax.Array:
-        local = _leaf_power_sum(x, p, axis, keepdims)
-        op = "max" if p == math.inf else "sum"
-        return _finish(reduce_leaf_across_devices(local, x, axis_name, op), p)
+    Overflow-safe as :func:`global_norm`. Use :func:`leaf_norms_of` for many leaves at once.
+    """
+    return leaf_norms_of([x], norm_type, axis=axis, keepdims=keepdims, axis_name=axis_name)[0]
 
-    return _dispatch_norm_type(norm_type, compute)
+
+def norm_of_norms(norms: Sequence[jax.Array]) -> jax.Array:
+    """The L2 norm of all entries of ``norms`` together (the global norm from per-leaf or
+    per-unit L2 norms), in float32. Overflow-safe as :func:`global_norm`; 0 for an empty list.
+    """
+    if not norms:
+        return jnp.zeros([], jnp.float32)
+    return leaf_norm(jnp.concatenate([jnp.ravel(n).astype(jnp.float32) for n in norms]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,16 +495,79 @@ def leaf_norm(
 # --------------------------------------------------------------------------------------------
 
 
-def clip_scale(norm: jax.Array, threshold: jax.Array) -> jax.Array:
-    """The factor that brings ``norm`` down to ``threshold``: 1 if norm <= threshold, else t/n.
+def safe_ratio(numerator: jax.Array, denominator: jax.Array, where: jax.Array) -> jax.Array:
+    """``numerator / denominator`` where ``where`` holds, else 1; the derivative is finite
+    everywhere (the division never sees the masked-out denominators)."""
+    return jnp.where(where, numerator / jnp.where(where, denominator, 1), 1)
 
-    A threshold met exactly gives 1; zero norm with zero threshold gives 1 (zeros stay zeros);
-    a non-finite norm gives 1 (the update passes through, so a guard can see it). The
-    derivative is finite everywhere, including at zero norm.
+
+def nonnegative(threshold: jax.Array) -> jax.Array:
+    """``threshold`` with negative and NaN values replaced by 0.
+
+    Applied to every threshold-like hyperparameter, which may be traced (and so unchecked)
+    under ``optax.inject_hyperparams``: a bound of 0 zeroes an update, a negative one would
+    reverse it.
     """
-    threshold = jnp.asarray(threshold, norm.dtype)
-    keep = jnp.logical_or(norm <= threshold, ~jnp.isfinite(norm))
-    return jnp.where(keep, jnp.ones_like(norm), threshold / jnp.where(keep, 1, norm))
+    return jnp.where(threshold >= 0, threshold, jnp.zeros_like(threshold))
+
+
+def clip_factor(
+    norm: jax.Array,
+    threshold: jax.Array,
+    *,
+    eps: float | jax.Array = 0.0,
+    floor: float = 0.0,
+    always: bool = False,
+    nonfinite: str = "pass",
+) -> jax.Array:
+    """The one clip factor of gradsafe: the scale that brings ``norm`` down to ``threshold``.
+
+    With :math:`N` = ``norm`` and :math:`t` = ``threshold``:
+
+    .. math:: s = \\begin{cases} 1 & N \\le t \\\\
+              t / \\max(N + \\epsilon, \\text{floor}) & N > t \\end{cases}
+              \\qquad\\text{or, with } \\texttt{always}:\\ s = \\min\\big(1, t / \\max(N +
+              \\epsilon, \\text{floor})\\big)
+
+    ``always=True`` is PyTorch's ``clip_grad_norm_`` factor (also applied at :math:`N = t`).
+    Rules shared by every clipper:
+
+    * A threshold met exactly leaves the gradient unchanged (without ``always``); zero norm
+      with zero threshold gives 1, so zeros stay zeros.
+    * ``s`` is always in ``[0, 1]``: a threshold that is negative or NaN (possible when it is
+      traced, e.g. under ``optax.inject_hyperparams``) counts as 0, so a bad hyperparameter
+      zeroes the update, never reverses or amplifies it.
+    * ``nonfinite="pass"``: a NaN or Inf norm gives 1 (the input passes through for a guard).
+      The norms of :mod:`gradsafe._numerics` are finite for finite inputs, so only a gradient
+      that itself holds NaN/Inf passes. ``nonfinite="propagate"``: PyTorch's arithmetic (NaN
+      norm gives NaN, Inf norm gives 0).
+    * The derivative is finite everywhere, including at zero norm.
+
+    Args:
+      norm: the norm(s), any shape.
+      threshold: the bound, broadcastable to ``norm``.
+      eps: added to the norm in the division (PyTorch, ZClip and AdaGC use 1e-6).
+      floor: the smallest divisor (Optax's AGC uses 1e-6).
+      always: apply ``min(1, ...)`` instead of clipping only above the threshold.
+      nonfinite: ``"pass"`` or ``"propagate"``, see above.
+
+    Returns:
+      The factor, in ``norm``'s dtype.
+    """
+    threshold = nonnegative(jnp.asarray(threshold, norm.dtype))
+    divisor = jnp.maximum(norm + jnp.asarray(eps, norm.dtype), jnp.asarray(floor, norm.dtype))
+    if nonfinite == "propagate":
+        return jnp.minimum(1, threshold / divisor)
+    finite = jnp.isfinite(norm)
+    clip = (divisor > threshold) if always else (norm > threshold)
+    clip = finite & clip
+    return safe_ratio(threshold, divisor, clip).astype(norm.dtype)
+
+
+def clip_scale(norm: jax.Array, threshold: jax.Array) -> jax.Array:
+    """Optax's clip factor: 1 if ``norm <= threshold``, else ``threshold / norm``
+    (:func:`clip_factor` with its defaults)."""
+    return clip_factor(norm, threshold)
 
 
 # PyTorch's clip_grad_norm_ adds this to the norm before dividing (ZClip and AutoClip too).
@@ -323,23 +579,26 @@ def torch_clip_scale(norm: jax.Array, threshold: jax.Array) -> jax.Array:
 
     A NaN norm gives NaN and an infinite one gives 0, as in PyTorch.
     """
-    return jnp.minimum(1, jnp.asarray(threshold, norm.dtype) / (norm + TORCH_NORM_EPS))
+    return clip_factor(norm, threshold, eps=TORCH_NORM_EPS, always=True, nonfinite="propagate")
 
 
 def scale_leaf(x: jax.Array, scale: jax.Array) -> jax.Array:
-    """``x * scale`` with ``scale`` cast to ``x``'s dtype (the leaf keeps its dtype).
+    """``x * scale`` computed in :func:`compute_dtype` and cast back (the leaf keeps its dtype).
 
-    A scalar ``scale`` of exactly 1 returns ``x`` through a select rather than a multiply: the
-    same numbers (``x * 1 == x``), but with donated buffers XLA then need not rewrite the
-    leaf on steps that do not clip, which halves the memory traffic of those steps.
+    The multiply runs in float32 for float16/bfloat16 leaves: a factor such as 1e-8 or 1e5
+    is not representable in float16, but the product is. A scalar ``scale`` of exactly 1
+    returns ``x`` through a select rather than a multiply: the same numbers (``x * 1 == x``),
+    but with donated buffers XLA then need not rewrite the leaf on steps that do not clip,
+    which halves the memory traffic of those steps.
     """
     scale = jnp.asarray(scale)
-    product = x * scale.astype(x.dtype)
+    dtype = compute_dtype(x.dtype)
+    product = (x.astype(dtype) * scale.astype(dtype)).astype(x.dtype)
     return jnp.where(scale == 1, x, product) if scale.ndim == 0 else product
 
 
 def scale_tree(tree: Any, scale: jax.Array) -> Any:
-    """Multiply every float leaf by the scalar ``scale`` cast to its dtype (dtypes are kept)."""
+    """Multiply every float leaf by the scalar ``scale`` (see :func:`scale_leaf`)."""
     return map_float_leaves(lambda x: scale_leaf(x, scale), tree)
 
 
@@ -347,6 +606,16 @@ def tree_all_finite(tree: Any) -> jax.Array:
     """Whether every float leaf of ``tree`` is free of NaN and Inf (True for an empty tree)."""
     flags = [jnp.all(jnp.isfinite(x)) for x in float_leaves(tree)]
     return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
+
+
+def saturate(x: jax.Array) -> jax.Array:
+    """``x`` clamped to the finite range of its dtype; NaN stays NaN.
+
+    Running statistics fed a huge but finite norm stay finite this way (a squared deviation
+    of 1e20 would otherwise be Inf in float32 and poison the variance for good).
+    """
+    top = largest(x.dtype)
+    return jnp.clip(x, -top, top)
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,111 +636,23 @@ def safe_increment(count: jax.Array) -> jax.Array:
 def resolve(
     hyperparameter: ScalarOrSchedule, count: jax.Array, dtype: Any = jnp.float32
 ) -> jax.Array:
-    """The value of a number, array or schedule ``step -> value`` at step ``count``.
+    """The value of a number, array or schedule ``step -> value`` at step ``count``, a scalar.
 
     Schedules run under standard dtype promotion: Optax's mix int32 steps with Python floats,
     which a user's ``jax_numpy_dtype_promotion="strict"`` would otherwise reject.
     """
     if callable(hyperparameter):
         with jax.numpy_dtype_promotion("standard"):
-            return jnp.asarray(hyperparameter(count), dtype)
-    return jnp.asarray(hyperparameter, dtype)
-
-
-def check_scalar(
-    name: str,
-    value: Any,
-    *,
-    lower: float | None = 0.0,
-    lower_inclusive: bool = True,
-    upper: float | None = None,
-    upper_inclusive: bool = True,
-    allow_schedule: bool = True,
-) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite number in range.
-
-    Schedules (when ``allow_schedule``) and traced values are accepted unchecked: they are only
-    known at run time.
-    """
-    if callable(value):
-        if not allow_schedule:
-            raise ValueError(f"{name} must be a number, got a callable {value!r}")
-        return
-    if is_traced(value):
-        return
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    try:
-        array = np.asarray(value)
-    except Exception as error:  # pragma: no cover - exotic inputs
-        raise ValueError(f"{name} must be a number, got {value!r}") from error
-    if array.shape not in ((), (1,)) or not np.issubdtype(array.dtype, np.number):
-        raise ValueError(f"{name} must be a scalar number, got {value!r}")
-    number = float(array.reshape(()))
-    low = "[" if lower_inclusive else "("
-    high = "]" if upper_inclusive else ")"
-    bounds = f"{low}{'-inf' if lower is None else lower}, {'inf' if upper is None else upper}{high}"
-    if not math.isfinite(number):
-        raise ValueError(f"{name} must be finite and in {bounds}, got {value!r}")
-    too_low = lower is not None and (number < lower or (not lower_inclusive and number == lower))
-    too_high = upper is not None and (number > upper or (not upper_inclusive and number == upper))
-    if too_low or too_high:
-        raise ValueError(f"{name} must be in {bounds}, got {value!r}")
-
-
-def check_int(
-    name: str,
-    value: Any,
-    *,
-    lower: int = 0,
-    upper: int | None = None,
-    allow_none: bool = False,
-    allow_schedule: bool = False,
-) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is an integer in ``[lower, upper]``.
-
-    ``None`` (when ``allow_none``), schedules (when ``allow_schedule``) and traced values are
-    accepted unchecked.
-    """
-    if (value is None and allow_none) or (callable(value) and allow_schedule) or is_traced(value):
-        return
-    bounds = f"[{lower}, {'inf' if upper is None else upper}]"
-    alternatives = (" or None" if allow_none else "") + (" or a schedule" if allow_schedule else "")
-    message = f"{name} must be an integer in {bounds}{alternatives}, got {value!r}"
-    if isinstance(value, bool) or callable(value):
-        raise ValueError(message)
-    array = np.asarray(value)
-    if array.shape != () or not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(message)
-    if int(array) < lower or (upper is not None and int(array) > upper):
-        raise ValueError(message)
-
-
-def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is one of ``choices``."""
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-
-
-def check_transform(name: str, value: Any) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is an Optax gradient transformation."""
-    if not (callable(getattr(value, "init", None)) and callable(getattr(value, "update", None))):
-        raise ValueError(f"{name} must be an optax.GradientTransformation, got {value!r}")
-
-
-def check_axis_name(axis_name: Any) -> None:
-    """Raise ``ValueError`` unless ``axis_name`` is None, a string or a tuple of strings."""
-    names = axis_name if isinstance(axis_name, (tuple, list)) else (axis_name,)
-    if axis_name is not None and not all(isinstance(n, str) and n for n in names):
-        raise ValueError(
-            f"axis_name must be None, a mesh axis name or a tuple of them, got {axis_name!r}"
-        )
-
-
-def require_params(params: Any) -> None:
-    """Raise Optax's ``ValueError`` when a transform that needs ``params`` gets none."""
-    if params is None:
-        raise ValueError(NO_PARAMS_MSG)
+            value = jnp.asarray(hyperparameter(count), dtype)
+    else:
+        value = jnp.asarray(hyperparameter, dtype)
+    # A (1,)-shaped value is used as a scalar, so it never changes the shape of a state field
+    # (which would break lax.scan and checkpoints) nor broadcasts a scalar leaf to (1,).
+    if value.shape != ():
+        if value.size != 1:
+            raise ValueError(f"a hyperparameter must be a scalar, got shape {value.shape}")
+        value = value.reshape(())
+    return value
 
 
 def mean_across_devices(value: jax.Array, axis_name: AxisName) -> jax.Array:

@@ -36,20 +36,23 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gradsafe._checks import check_axis_name, check_scalar, require_params
 from gradsafe._metrics import register_stats
 from gradsafe._numerics import (
     AxisName,
     ScalarOrSchedule,
     abs_sq,
     accumulation_dtype,
-    check_axis_name,
-    check_scalar,
+    clip_factor,
+    compute_dtype,
     is_float_leaf,
     leaf_norm,
+    nonnegative,
     reduce_leaf_across_devices,
-    require_params,
     resolve,
     safe_increment,
+    safe_ratio,
+    scale_leaf,
     zero_count,
 )
 
@@ -59,14 +62,6 @@ Mask = Any
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
-
-
-def _compute_dtype(*dtypes: Any) -> jnp.dtype:
-    """float32 (float64 under x64 for 64-bit leaves), complex when any input is complex."""
-    wide = any(jnp.dtype(d) in (jnp.dtype(jnp.float64), jnp.dtype(jnp.complex128)) for d in dtypes)
-    if any(jnp.issubdtype(d, jnp.complexfloating) for d in dtypes):
-        return jnp.dtype(jnp.complex128 if wide else jnp.complex64)
-    return jnp.dtype(jnp.float64 if wide else jnp.float32)
 
 
 def _is_placeholder(x: Any) -> bool:
@@ -177,7 +172,7 @@ def _penalty_gradient(
         penalties: list[jax.Array] = []
 
         def add_term(g: jax.Array, w: jax.Array) -> jax.Array:
-            dtype = _compute_dtype(g.dtype, w.dtype)
+            dtype = compute_dtype(g.dtype, w.dtype)
             weights = w.astype(dtype)
             total = g.astype(dtype)
             real = accumulation_dtype(dtype)
@@ -386,7 +381,7 @@ def _proximal_step(
         sizes: list[int] = []
 
         def step(u: jax.Array, w: jax.Array) -> jax.Array:
-            dtype = _compute_dtype(u.dtype, w.dtype)
+            dtype = compute_dtype(u.dtype, w.dtype)
             u_wide, w_wide = u.astype(dtype), w.astype(dtype)
             hyper = values_in(accumulation_dtype(dtype))
             new_update, zero_count_ = leaf_fn(u_wide, w_wide, w_wide + u_wide, hyper)
@@ -406,7 +401,9 @@ def _soft_threshold_update(
     u: jax.Array, w: jax.Array, x: jax.Array, threshold: jax.Array, shrink: jax.Array | None
 ) -> tuple[jax.Array, jax.Array]:
     """``soft(x, t) / (1 + shrink) - w``, written so that thresholded entries give exactly
-    ``-w`` and ``t = 0`` (with no shrink) gives exactly ``u``. NaN entries stay NaN."""
+    ``-w`` and ``t = 0`` (with no shrink) gives exactly ``u``. NaN entries stay NaN. A
+    negative or NaN threshold (traced) counts as 0: it must not push entries away from 0."""
+    threshold = nonnegative(threshold)
     zeroed = jnp.abs(x) <= threshold  # False for NaN: NaN propagates through the other branch
     moved = u - threshold.astype(x.dtype) * jnp.sign(x)
     if shrink is not None:
@@ -597,10 +594,10 @@ def prox_group_lasso(
 
     def leaf_fn(u, w, x, hyper):
         eta, lam = hyper
-        threshold = eta * lam
+        threshold = nonnegative(eta * lam)  # traced values out of range must not amplify
         norm = leaf_norm(x, 2).astype(threshold.dtype)
         shrinks = norm > threshold
-        factor = jnp.where(shrinks, 1 - threshold / jnp.where(shrinks, norm, 1), 0)
+        factor = jnp.where(shrinks, 1 - safe_ratio(threshold, norm, shrinks), 0)
         # A non-finite leaf passes through. Checked on the entries: the norm of a NaN leaf
         # need not be NaN (a safe square root may map it to 0).
         finite = jnp.isfinite(norm) & jnp.all(jnp.isfinite(x))
@@ -701,16 +698,16 @@ def clip_update_relative(
         scales: list[jax.Array] = []
 
         def clip_leaf(u: jax.Array, w: jax.Array) -> jax.Array:
-            real = accumulation_dtype(_compute_dtype(u.dtype, w.dtype))
+            real = accumulation_dtype(compute_dtype(u.dtype, w.dtype))
             r_now, a_now = values_in(real)
             size = jnp.abs(u).astype(real)
-            bound = r_now * jnp.abs(w).astype(real) + a_now
-            free = (size <= bound) | ~jnp.isfinite(size) | ~jnp.isfinite(bound)
-            ratio = jnp.where(free, 1, bound / jnp.where(free, 1, size))
+            bound = nonnegative(r_now) * jnp.abs(w).astype(real) + nonnegative(a_now)
+            # An entry whose bound is not finite (a NaN or Inf parameter) imposes none.
+            ratio = clip_factor(size, jnp.where(jnp.isfinite(bound), bound, jnp.inf))
             # min over the entries of all shards: -max(-x), as the device reduction has max
             scale = -reduce_leaf_across_devices(-jnp.min(ratio, initial=1.0), u, axis_name, "max")
             scales.append(scale.astype(jnp.float32))
-            return u * scale.astype(u.dtype)
+            return scale_leaf(u, scale)
 
         updates = _map_with_params(clip_leaf, updates, params)
         smallest = jnp.min(jnp.stack(scales)) if scales else jnp.ones([], jnp.float32)

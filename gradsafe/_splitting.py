@@ -22,23 +22,28 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gradsafe._checks import (
+    check_axis_name,
+    check_bool,
+    check_int,
+    check_scalar,
+    check_transform,
+    is_traced,
+)
 from gradsafe._metrics import register_stats
 from gradsafe._numerics import (
     AxisName,
     ScalarOrSchedule,
-    accumulation_dtype,
-    check_axis_name,
-    check_int,
-    check_scalar,
-    check_transform,
     clip_scale,
+    compute_dtype,
     global_norm,
     is_float_leaf,
-    is_traced,
-    leaf_norm,
+    largest,
+    leaf_norms_of,
     map_float_leaves,
     resolve,
     safe_increment,
+    safe_ratio,
     safe_sqrt,
     scale_leaf,
     scale_tree,
@@ -47,25 +52,17 @@ from gradsafe._numerics import (
 from gradsafe._paths import path_str
 
 
-def _buffer_dtype(dtype: Any) -> jnp.dtype:
-    """The dtype of a per-parameter buffer: at least float32, complex stays complex."""
-    real = accumulation_dtype(dtype)
-    if jnp.issubdtype(dtype, jnp.complexfloating):
-        return jnp.dtype(jnp.complex128) if real == jnp.float64 else jnp.dtype(jnp.complex64)
-    return real
-
-
 def _zeros_buffer(params: Any) -> Any:
-    """A zero buffer per float leaf of ``params`` (float32 or wider); ``MaskedNode`` elsewhere.
+    """A zero buffer per float leaf of ``params`` (:func:`compute_dtype`: float32 or wider,
+    complex stays complex); ``MaskedNode`` elsewhere.
 
     ``MaskedNode`` is an empty subtree, so non-float leaves cost no memory and ``jax.tree.map``
     over ``(updates, buffer)`` hands the whole ``MaskedNode`` to the function at those leaves.
+    ``zeros_like`` gives each buffer its parameter's sharding (needed under an explicit mesh).
     """
     return jax.tree.map(
         lambda p: (
-            jnp.zeros(jnp.shape(p), _buffer_dtype(p.dtype))
-            if is_float_leaf(p)
-            else optax.MaskedNode()
+            jnp.zeros_like(p, compute_dtype(p.dtype)) if is_float_leaf(p) else optax.MaskedNode()
         ),
         params,
     )
@@ -347,8 +344,7 @@ def split_magnitude(
     check_scalar("gamma1", gamma1, upper=1.0, upper_inclusive=False, allow_schedule=False)
     check_scalar("gamma2", gamma2, upper=1.0, upper_inclusive=False, allow_schedule=False)
     check_scalar("eps", eps, allow_schedule=False)
-    if not isinstance(shared_count, bool):
-        raise ValueError(f"shared_count must be a bool, got {shared_count!r}")
+    check_bool("shared_count", shared_count)
     check_axis_name(axis_name)
 
     def scalar_per_leaf(params: Any, dtype: Any) -> Any:
@@ -373,20 +369,29 @@ def split_magnitude(
         epsilon = jnp.asarray(eps, jnp.float32)
         global_count = safe_increment(state.count)
 
+        grads = [g for g in jax.tree.leaves(updates) if is_float_leaf(g)]
+        leaf_norms = iter(leaf_norms_of(grads, 2, axis_name=axis_name))
+
         def adagn(g: Any, a: Any, b: Any, k: Any) -> Any:
             if not is_float_leaf(g):
                 return _Leaves((g, a, b, k))
-            n = leaf_norm(g, axis_name=axis_name).astype(jnp.float32)
+            n = next(leaf_norms).astype(jnp.float32)
             ok = jnp.logical_and(n > 0, jnp.isfinite(n))
             new_k = jnp.where(ok, safe_increment(k), k)
             new_a = jnp.where(ok, a + rate1 * (n - a), a)
-            new_b = jnp.where(ok, b + rate2 * (jnp.square(n) - b), b)
+            # n^2 saturates: a finite norm above 1.8e19 must not make b Inf for good.
+            square = jnp.minimum(jnp.square(n), largest(jnp.float32))
+            new_b = jnp.where(ok, b + rate2 * (square - b), b)
             exponent = (global_count if shared_count else new_k).astype(jnp.float32)
             # Guarded denominators: 1 - gamma^0 = 0 before a tensor's first update.
-            a_hat = new_a / jnp.where(ok, -jnp.expm1(exponent * log1), 1)
-            b_hat = new_b / jnp.where(ok, -jnp.expm1(exponent * log2), 1)
-            target = a_hat / (safe_sqrt(b_hat) + epsilon)
-            scale = jnp.where(ok, target / jnp.where(ok, n, 1), 1)
+            a_hat = safe_ratio(new_a, -jnp.expm1(exponent * log1), ok)
+            # sqrt(b_hat) as sqrt(b) / sqrt(1 - gamma2^k): b_hat itself may overflow.
+            root_b_hat = safe_ratio(safe_sqrt(new_b), safe_sqrt(-jnp.expm1(exponent * log2)), ok)
+            # The barrier keeps XLA from rewriting (a / b) / n as a / (b * n), which
+            # overflows for a norm above ~1e19.
+            target = jax.lax.optimization_barrier(a_hat / (root_b_hat + epsilon))
+            # A rescale to the target norm, not a clip (it may grow the tensor).
+            scale = safe_ratio(target, n, ok)
             return _Leaves((scale_leaf(g, scale), new_a, new_b, new_k))
 
         new_updates, mu, nu, ema_count = _unzip(
@@ -395,7 +400,7 @@ def split_magnitude(
         norm = global_norm(updates, axis_name=axis_name).astype(jnp.float32)
         out_norm = global_norm(new_updates, axis_name=axis_name).astype(jnp.float32)
         ok = jnp.logical_and(norm > 0, jnp.isfinite(norm))
-        ratio = jnp.where(ok, out_norm / jnp.where(ok, norm, 1), 1)
+        ratio = safe_ratio(out_norm, norm, ok)
         new_state = SplitMagnitudeState(
             count=global_count, norm=norm, scale=ratio, mu=mu, nu=nu, ema_count=ema_count
         )
