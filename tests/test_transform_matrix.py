@@ -5,8 +5,9 @@ without an entry fails :func:`test_every_public_factory_has_an_entry`). Each ent
 factory's non-numeric arguments (an inner optimizer, rules), its numeric hyperparameters
 and the bad values of each numeric argument. For every transform:
 
-* three steps under ``lax.scan`` in ``jit``, with float hyperparameters given as arrays, keep
-  the state's structure, shapes and dtypes, and equal three eager steps;
+* three steps under ``lax.scan`` in ``jit``, with float hyperparameters given as arrays of shape
+  ``(1,)``, keep the state's structure, shapes and dtypes, and equal three eager steps (with
+  shape ``()`` arrays);
 * ``optax.inject_hyperparams(factory)`` (float hyperparameters injected; integer ones, which
   count steps or size buffers, static) runs under ``jit`` with float32 and with bfloat16
   params, gives the non-injected numbers in float32, and keeps each update's dtype;
@@ -246,7 +247,7 @@ NOT_TRANSFORMS = {
     "unit_axes",
 }
 
-STEPS = 2
+STEPS = 3
 SPIKE_STEP = 1  # a 20x gradient and loss, so that adaptive transforms act within three steps
 
 # Leaves with a leading axis of 8 are sharded over the 8 devices; the scalar is replicated.
@@ -388,7 +389,9 @@ def test_entry_names_every_numeric_argument(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_scan_keeps_state_layout_and_matches_eager(name):
     entry = MATRIX[name]
-    tx = entry.make(**array_floats(entry))
+    # Shape (1,) hyperparameters: accepted as scalars, they must not change any state shape
+    # (the eager reference has shape () ones).
+    tx = entry.make(**{k: v.reshape(1) for k, v in array_floats(entry).items()})
     params = params_tree()
     grads = jax.tree.map(lambda *xs: jnp.stack(xs), *[grads_tree(s) for s in range(STEPS)])
     losses = jnp.stack([loss(s) for s in range(STEPS)])
@@ -495,12 +498,22 @@ def test_empty_tree(name):
     assert updates == {}
 
 
-BAD_CASES = [
-    (name, arg, value)
-    for name in NAMES
-    for arg, values in MATRIX[name].bad.items()
-    for value in values
-]
+def bad_cases(name: str) -> list[tuple[str, Any]]:
+    """The entry's own bad values, and for every argument of a kind the ones every such
+    argument rejects: non-scalar arrays (shape (2,)) and strings for floats, bools
+    and fractional numbers for integers, and invalid mesh axis names."""
+    entry = MATRIX[name]
+    cases = [(arg, value) for arg, values in entry.bad.items() for value in values]
+    for arg in entry.floats:
+        cases += [(arg, np.ones(2, np.float32)), (arg, "1.0")]
+    for arg in entry.ints:
+        cases += [(arg, True), (arg, 2.0)]
+    if "axis_name" in inspect.signature(entry.factory).parameters:
+        cases += [("axis_name", 3), ("axis_name", "")]
+    return cases
+
+
+BAD_CASES = [(name, arg, value) for name in NAMES for arg, value in bad_cases(name)]
 
 
 @pytest.mark.parametrize(
