@@ -518,7 +518,17 @@ def check(name: str, dtype_name: str, grads: np.ndarray, params: np.ndarray) -> 
             )
 
 
-CASES = [(name, dtype) for name in CLIPPERS for dtype in DTYPES]
+# float64 (under x64) runs through the same code as float32 with another accumulation dtype:
+# one variant of clip_by_global_norm's semantics and norm types is enough there.
+FLOAT64_SKIPPED = {
+    f"clip_by_global_norm[{s},{p}]" for s in ("optax", "torch") for p in (1, math.inf)
+}
+CASES = [
+    (name, dtype)
+    for name in CLIPPERS
+    for dtype in DTYPES
+    if not (dtype == "float64" and name in FLOAT64_SKIPPED)
+]
 
 
 @pytest.mark.parametrize(("name", "dtype_name"), CASES, ids=[f"{n}-{d}" for n, d in CASES])
@@ -527,7 +537,7 @@ def test_finite_gradient_gives_finite_output_within_the_bound(name, dtype_name):
 
     # No shrinking: a failure's message prints the whole example, and shrinking one (many
     # more examples) would multiply this file's time while defects are open.
-    @settings(max_examples=20, database=None, phases=[Phase.explicit, Phase.generate])
+    @settings(max_examples=15, database=None, phases=[Phase.explicit, Phase.generate])
     @given(grads=entries(dtype), params=params_entries(dtype))
     def run(grads, params):
         check(name, dtype_name, grads, params)
