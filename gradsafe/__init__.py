@@ -33,6 +33,7 @@ from gradsafe._guards import (
     loss_scale,
     skip_nonfinite,
     skip_on_spike,
+    skip_reason,
 )
 from gradsafe._metrics import largest_leaves, leaf_norms, metrics
 from gradsafe._numerics import global_norm
@@ -119,6 +120,7 @@ __all__ = [
     "prox_l1",
     "skip_nonfinite",
     "skip_on_spike",
+    "skip_reason",
     "spike_clip",
     "split_by_path",
     "split_clip",

@@ -7,19 +7,36 @@ not advance. Nothing non-finite ever reaches the parameters: whatever else a gua
 also refuses a step whose incoming gradient, loss (extra arg ``value``), inner output, or new
 inner state is not finite.
 
-How a step is refused: the inner update always runs, and ``jnp.where`` picks the new or the old
-inner state (and the update or zeros). We deliberately do not use ``lax.cond``: refused steps
-are rare, so skipping the inner computation on them saves nothing that matters, while a
-conditional costs on every accepted step (on GPU, XLA usually waits for the predicate on the
-host before it launches a branch, and buffers are harder to update in place across branches).
-A select fuses into the optimizer's element-wise kernels, behaves the same under ``vmap``
-(where a ``lax.cond`` becomes a select anyway), ``shard_map`` and ``jax.grad``, and keeps the
-old state exactly (a select copies bits). The cost is that ``inner`` also runs on refused
-steps, on whatever gradient arrived (its result is discarded).
+What a guard checks (``check=``):
+
+* ``"gradient"`` (the default of :func:`skip_nonfinite` and :func:`dynamic_loss_scale`): the
+  step is decided before ``inner`` runs, from the loss and one reduction over the incoming
+  gradient, :math:`\\sum_j (2^{-64} g_j)^2 < 2^{-128}\\,\\text{max}`, true exactly when every
+  entry is finite and the squared norm :math:`\\|g\\|^2` is below the dtype's largest value
+  (float32 for float16/bfloat16/float32 gradients). The scaled form keeps the sum itself from
+  overflowing and keeps XLA from sharing it with the optimizer's own ``g * g`` (which would
+  force that product into a buffer of its own). A gradient like that keeps the state and the
+  update of the usual optimizers finite; see :func:`skip_nonfinite` for which ones.
+* ``"full"`` (and :func:`skip_on_spike`): ``inner`` always runs, and the step is also refused
+  when its output update has a NaN/Inf, or when its new state turns a finite entry into
+  NaN/Inf. This covers any optimizer, at the price of reading the new state once more and
+  keeping the old one until the choice is made.
+
+How a step is refused: with ``check="gradient"`` the verdict exists before ``inner`` runs, and
+``lax.cond`` runs ``inner`` only on an accepted step (a refused one returns zeros and the old
+state untouched). On XLA:CPU this is the fastest form measured in ``benchmarks/step.py``: the
+alternative, ``jnp.where`` between the new and the old state, makes XLA recompute the new
+state in the parameters' update and copy every donated state buffer to keep the old values
+alive (no multi-output fusion there). Under ``vmap`` the ``cond`` becomes a select. With
+``check="full"`` the verdict depends on ``inner``'s output, so ``inner`` runs first and
+``jnp.where`` picks its result or the old state (a select copies bits).
 
 Every guard's state records ``skipped`` (this step was refused), ``reason`` (an index into
-:data:`SKIP_REASONS`; 0 when accepted), ``consecutive_skips`` and ``total_skips`` (int32,
-saturating), which :func:`gradsafe.metrics` reports.
+:data:`SKIP_REASONS`; 0 when accepted; :func:`skip_reason` gives its name),
+``consecutive_skips`` and ``total_skips`` (int32, saturating), which :func:`gradsafe.metrics`
+reports. These describe the last step, refused or not. On a refused step the figures of the
+transforms *inside* the guard (a clipper's ``norm``, ``scale``...) are those of the last
+accepted step, because their state is kept bit-for-bit: log them together with ``skipped``.
 """
 
 from __future__ import annotations
@@ -32,9 +49,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradsafe._metrics import metrics, register_stats, stats_fields
+from gradsafe._metrics import metrics, register_stats
 from gradsafe._numerics import (
     AxisName,
+    abs_sq,
     accumulation_dtype,
     check_axis_name,
     check_int,
@@ -43,11 +61,13 @@ from gradsafe._numerics import (
     float_leaves,
     global_norm,
     is_float_leaf,
+    is_traced,
     map_float_leaves,
     mean_across_devices,
     pack_small_leaves,
     reduce_across_devices,
     safe_increment,
+    tree_accumulation_dtype,
     zero_count,
 )
 
@@ -60,9 +80,13 @@ SKIP_REASONS = (
     "norm_spike",  # the gradient norm is more than sigma deviations above the window mean
     "nonfinite_update",  # the inner transform's output has a NaN/Inf
     "nonfinite_state",  # the inner transform's new state turned a finite entry into NaN/Inf
+    "gradient_overflow",  # finite entries whose squared norm overflows (check="gradient")
 )
 ACCEPTED, NONFINITE_GRADIENT, NONFINITE_LOSS, LOSS_SPIKE, NORM_SPIKE = range(5)
-NONFINITE_UPDATE, NONFINITE_STATE = 5, 6
+NONFINITE_UPDATE, NONFINITE_STATE, GRADIENT_OVERFLOW = 5, 6, 7
+
+#: The checks a guard can make (see the module notes).
+CHECKS = ("gradient", "full")
 
 _WATCHABLE = ("loss", "norm")
 
@@ -75,6 +99,12 @@ _WATCHABLE = ("loss", "norm")
 def _check_inner(inner: Any) -> optax.GradientTransformationExtraArgs:
     check_transform("inner", inner)
     return optax.with_extra_args_support(inner)
+
+
+def _check_check(check: Any) -> str:
+    if not isinstance(check, str) or check not in CHECKS:
+        raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
+    return check
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,31 +131,44 @@ def _nonfinite(tree: Any, axis_name: AxisName) -> jax.Array:
     return _any_nonfinite(float_leaves(tree), axis_name)
 
 
-def _without_stats(state: Any) -> Any:
-    """``state`` with the stats fields of gradsafe states (see ``register_stats``) set to None.
+def _is_gradsafe_state(node: Any) -> bool:
+    return (
+        isinstance(node, tuple)
+        and hasattr(node, "_fields")
+        and (type(node).__module__.startswith("gradsafe."))
+    )
 
-    Stats record what a transform saw (a ``norm`` may legitimately be Inf for a huge finite
-    gradient) and each gradsafe transform keeps its own dynamics finite; what remains are the
-    dynamics of foreign optimizers (moments, accumulators), which the guards protect.
+
+def _without_observations(state: Any) -> Any:
+    """``state`` with the scalar float fields of gradsafe states set to None.
+
+    A gradsafe transform's scalar fields are its observations and running statistics (a
+    ``norm`` may legitimately be Inf for a huge finite gradient); each transform keeps its own
+    dynamics finite. What remains are per-parameter buffers and the dynamics of foreign
+    optimizers (moments, accumulators), which the full check protects. The rule looks at the
+    state's type and shape only, not at what :func:`gradsafe.metrics` reports.
     """
 
     def strip(node: Any) -> Any:
-        fields = stats_fields(node)
-        if fields is None:
+        if not _is_gradsafe_state(node):
             return node
-        values = [None if f in fields else _without_stats(getattr(node, f)) for f in node._fields]
+        values = []
+        for field in node._fields:
+            value = getattr(node, field)
+            scalar = is_float_leaf(value) and jnp.ndim(value) == 0
+            values.append(None if scalar else _without_observations(value))
         return type(node)(*values)
 
-    return jax.tree.map(strip, state, is_leaf=lambda x: stats_fields(x) is not None)
+    return jax.tree.map(strip, state, is_leaf=_is_gradsafe_state)
 
 
 def _went_nonfinite(old: Any, new: Any, axis_name: AxisName) -> jax.Array:
     """Whether an entry that was finite in ``old`` is NaN or Inf in ``new``, on any device.
 
     Entries that were already non-finite (sentinels such as an Inf "no bound yet") and the
-    stats fields of gradsafe states are ignored.
+    scalar fields of gradsafe states are ignored (see :func:`_without_observations`).
     """
-    old, new = _without_stats(old), _without_stats(new)
+    old, new = _without_observations(old), _without_observations(new)
     pairs = [
         (a, b)
         for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new), strict=True)
@@ -176,6 +219,49 @@ class _Outcome(NamedTuple):
     total_skips: jax.Array
 
 
+def _gradient_is_bad(updates: Any, axis_name: AxisName) -> jax.Array:
+    """Whether the gradient has a NaN/Inf entry or a squared norm that overflows, on any device.
+
+    One reduction, :math:`\\sum_j (c\\,g_j)^2` with :math:`c = 2^{-64}` in the accumulation
+    dtype, compared with :math:`c^2` times the dtype's largest value: the scaled sum cannot
+    overflow for finite entries (it saturates to Inf only when the true sum is far beyond the
+    limit, which also refuses), NaN and Inf propagate, and the scaled product is not the
+    optimizer's ``g * g``, so XLA does not merge the two and need not store the squares.
+    Entries below about ``1e-3 * 2**-64 * max`` lose their (negligible) share to underflow.
+    """
+    leaves = pack_small_leaves(float_leaves(updates), axis_name)
+    if not leaves:
+        return jnp.array(False)
+    dtype = tree_accumulation_dtype(updates)
+    factor = 2.0**-64
+    values = [jnp.sum(abs_sq(x.astype(accumulation_dtype(x.dtype)) * factor)) for x in leaves]
+    values = [v.astype(dtype) for v in values]
+    total = reduce_across_devices(values, leaves, axis_name)
+    limit = jnp.asarray(float(jnp.finfo(dtype).max) * factor * factor, dtype)
+    return ~(total < limit)
+
+
+def _varying(shape: Any) -> tuple[str, ...]:
+    """The manual mesh axes (``shard_map``) along which an ``eval_shape`` leaf varies."""
+    manual = getattr(shape, "manual_axis_type", None)
+    return tuple(sorted(getattr(manual, "varying", ())))
+
+
+def _as_shape(x: Any, shape: Any) -> Any:
+    """``x`` with the dtype of ``shape`` and varying along the same ``shard_map`` axes, so the
+    two branches of a ``lax.cond`` have equal types."""
+    if shape.dtype == jax.dtypes.float0:
+        return np.zeros(shape.shape, jax.dtypes.float0)
+    x = jnp.asarray(x, shape.dtype)
+    missing = tuple(a for a in _varying(shape) if a not in _varying(jax.typeof(x)))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _zeros_like_shape(shape: Any) -> Any:
+    """Zeros with the structure, shapes, dtypes and varying axes of an ``eval_shape`` result."""
+    return jax.tree.map(lambda s: _as_shape(jnp.zeros(s.shape, s.dtype), s), shape)
+
+
 def _guarded_update(
     inner: optax.GradientTransformationExtraArgs,
     updates: Any,
@@ -184,27 +270,54 @@ def _guarded_update(
     extra_args: dict[str, Any],
     reason: jax.Array,
     axis_name: AxisName,
+    check: str = "full",
 ) -> _Outcome:
-    """Run ``inner`` and accept its step only if ``reason`` is ACCEPTED and its result is finite.
+    """Run ``inner`` and accept its step only if ``reason`` is ACCEPTED (and, with
+    ``check="full"``, its output and new state are finite).
 
     ``reason`` is the guard's own verdict, already the same on every device. ``state`` is the
-    guard's state (it has ``inner_state``, ``consecutive_skips``, ``total_skips``).
+    guard's state (it has ``inner_state``, ``consecutive_skips``, ``total_skips``). With
+    ``check="gradient"`` the verdict must already cover the gradient (:func:`_gradient_is_bad`
+    with the code NONFINITE_GRADIENT); a refused step then tells a NaN/Inf entry from an
+    overflowing squared norm (GRADIENT_OVERFLOW), a cost paid on refused steps only.
     """
-    out, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
-    reason = jnp.where(
-        reason != ACCEPTED,
-        reason,
-        jnp.where(
-            _nonfinite(out, axis_name),
-            NONFINITE_UPDATE,
-            jnp.where(_went_nonfinite(state.inner_state, new_inner, axis_name), NONFINITE_STATE, 0),
-        ),
-    ).astype(jnp.int32)
-    accept = reason == ACCEPTED
-    skipped = ~accept
+    if check == "gradient":
+        accept = reason == ACCEPTED
+
+        def run() -> tuple[Any, Any, jax.Array]:
+            out, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
+            return out, new_inner, reason
+
+        shape = jax.eval_shape(run)
+
+        def refuse() -> tuple[Any, Any, jax.Array]:
+            overflow = (reason == NONFINITE_GRADIENT) & ~_nonfinite(updates, axis_name)
+            old = jax.tree.map(_as_shape, state.inner_state, shape[1])
+            refined = _as_shape(jnp.where(overflow, GRADIENT_OVERFLOW, reason), shape[2])
+            return _zeros_like_shape(shape[0]), old, refined
+
+        out, new_inner, reason = jax.lax.cond(accept, run, refuse)
+        reason = reason.astype(jnp.int32)
+    else:
+        out, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
+        reason = jnp.where(
+            reason != ACCEPTED,
+            reason,
+            jnp.where(
+                _nonfinite(out, axis_name),
+                NONFINITE_UPDATE,
+                jnp.where(
+                    _went_nonfinite(state.inner_state, new_inner, axis_name), NONFINITE_STATE, 0
+                ),
+            ),
+        ).astype(jnp.int32)
+        accept = reason == ACCEPTED
+        out = _zeros_unless(accept, out)
+        new_inner = _select(accept, new_inner, state.inner_state)
+    skipped = reason != ACCEPTED
     return _Outcome(
-        updates=_zeros_unless(accept, out),
-        inner_state=_select(accept, new_inner, state.inner_state),
+        updates=out,
+        inner_state=new_inner,
         reason=reason,
         skipped=skipped,
         consecutive_skips=jnp.where(skipped, safe_increment(state.consecutive_skips), 0),
@@ -254,35 +367,64 @@ class SkipNonfiniteState(NamedTuple):
 
 
 def skip_nonfinite(
-    inner: optax.GradientTransformation, *, axis_name: AxisName = None
+    inner: optax.GradientTransformation,
+    *,
+    check: str = "gradient",
+    axis_name: AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """Refuse every step whose gradient, loss, update or new optimizer state is not finite.
+    """Refuse every step whose gradient or loss is not finite (or, optionally, whose update or
+    new optimizer state is not).
 
-    A step is refused when any of these holds (the first one names the ``reason``):
+    With ``check="gradient"`` (the default) a step is refused, before ``inner`` runs, when
 
-    1. the incoming gradient has a NaN or Inf;
-    2. the loss, when passed as the extra arg ``value``, is NaN or Inf;
-    3. ``inner``'s output update has a NaN or Inf;
-    4. ``inner``'s new state turns an entry that was finite into NaN or Inf (for example
-       Adam's second moment overflowing on a huge but finite gradient). The fields that
-       gradsafe transforms register as statistics (such as a recorded ``norm``) are not
-       checked: they record what was seen and may legitimately be Inf.
+    1. the incoming gradient has a NaN or Inf (reason ``"nonfinite_gradient"``), or its
+       entries are finite but its squared norm :math:`\\|g\\|^2` overflows the accumulation
+       dtype (float32 for float16/bfloat16/float32 leaves; ``"gradient_overflow"``);
+    2. the loss, when passed as the extra arg ``value``, is NaN or Inf (``"nonfinite_loss"``).
+
+    This is one reduction over the gradient, and ``lax.cond`` then runs ``inner`` only on
+    accepted steps. It keeps every optimizer whose update and state are finite whenever the
+    gradient is finite with a finite squared norm: Optax's ``sgd`` (with momentum or
+    Nesterov), ``adam``/``adamw``, ``rmsprop``, ``adagrad`` and ``lion``,
+    and gradsafe's clippers and update limit in front of or behind them, with
+    float32 (or wider) optimizer state, finite hyperparameters and ``eps > 0`` where the
+    optimizer divides. (An element-wise second moment :math:`(1-\\beta_2) g^2 + \\beta_2 v`
+    stays below :math:`\\max(\\|g\\|^2, v)`; a momentum :math:`\\sum \\beta^k g` below
+    :math:`\\|g\\|/(1-\\beta)`; an Adagrad sum of squares grows by at most :math:`\\|g\\|^2` per
+    step, so it could reach Inf only after about :math:`3 \\cdot 10^{38} / \\|g\\|^2` steps, and
+    then its update is :math:`g/\\sqrt{\\infty} = 0`.) It does not cover optimizers that can
+    produce NaN/Inf from a finite gradient: ``eps=0`` with a zero gradient, float16
+    optimizer state (:math:`g^2` overflows at :math:`|g| > 256`), a learning rate so large
+    that ``lr * update`` overflows, or a custom transform. For those use ``check="full"``,
+    which runs ``inner`` every step and also refuses a step when
+
+    3. ``inner``'s output update has a NaN or Inf (``"nonfinite_update"``);
+    4. ``inner``'s new state turns an entry that was finite into NaN or Inf
+       (``"nonfinite_state"``; for example Adam's second moment overflowing on a huge
+       finite gradient). The scalar fields of gradsafe states (a recorded ``norm``, a
+       running statistic) are not checked: they record what was seen and may legitimately
+       be Inf.
 
     A refused step emits zeros and keeps ``inner``'s state bit-identical; an accepted step
-    emits exactly what ``inner`` emits. ``inner`` runs on every step and ``jnp.where`` picks
-    its result or the old state (see the module notes for why not ``lax.cond``). With
-    ``axis_name`` (inside ``shard_map``/``pmap``) the
-    checks are combined across devices, so every device refuses together.
+    emits what ``inner`` emits (with ``check="gradient"`` computed inside ``lax.cond``, so
+    equal up to XLA's rounding of the fused kernels). ``"full"`` costs far more: in
+    ``benchmarks/step.py`` (Adam, XLA:CPU) it moves about 32 tree-sized passes against 13-14
+    for ``"gradient"`` and 10 for the bare step. With ``axis_name`` (inside
+    ``shard_map``/``pmap``) the checks are combined across devices, so every device refuses
+    together.
 
     Differences from the reference:
       ``optax.apply_if_finite(inner, max_consecutive_errors)`` checks only the incoming
       gradient and, after ``max_consecutive_errors`` refusals in a row, applies the NaN
-      update (the parameters become NaN). This guard never gives up, also checks the loss,
-      the inner output and the inner state, and counts refusals the same way
+      update (the parameters become NaN). This guard never gives up, also checks the loss and
+      the squared norm (with ``check="full"`` the inner output and state too), does not run
+      ``inner`` on a refused step with ``check="gradient"``, and counts refusals the same way
       (``consecutive_skips`` ~ ``notfinite_count``, ``total_skips`` ~ ``total_notfinite``).
 
     Args:
       inner: the transform to guard, usually the whole optimizer.
+      check: ``"gradient"`` (decide from the gradient and the loss) or ``"full"`` (also
+        check ``inner``'s update and new state).
       axis_name: mesh axis name(s) over which all devices must refuse together.
 
     Returns:
@@ -304,7 +446,9 @@ def skip_nonfinite(
       ICLR 2018 (skipping steps whose gradients overflow).
     """
     inner = _check_inner(inner)
+    check = _check_check(check)
     check_axis_name(axis_name)
+    _gradient_test = _gradient_is_bad if check == "gradient" else _nonfinite
 
     def init_fn(params: Any) -> SkipNonfiniteState:
         return SkipNonfiniteState(**_initial_counters(), inner_state=inner.init(params))
@@ -312,10 +456,11 @@ def skip_nonfinite(
     def update_fn(updates, state, params=None, **extra_args):
         loss = _loss_of(extra_args, axis_name)
         loss_bad = jnp.array(False) if loss is None else ~jnp.isfinite(loss)
-        reason = _first_reason(
-            (_nonfinite(updates, axis_name), NONFINITE_GRADIENT), (loss_bad, NONFINITE_LOSS)
+        gradient_bad = _gradient_test(updates, axis_name)
+        reason = _first_reason((gradient_bad, NONFINITE_GRADIENT), (loss_bad, NONFINITE_LOSS))
+        outcome = _guarded_update(
+            inner, updates, state, params, extra_args, reason, axis_name, check
         )
-        outcome = _guarded_update(inner, updates, state, params, extra_args, reason, axis_name)
         new_state = SkipNonfiniteState(
             skipped=outcome.skipped,
             reason=outcome.reason,
@@ -603,6 +748,7 @@ def dynamic_loss_scale(
     backoff_factor: float = 0.5,
     min_scale: float = 1.0,
     hysteresis: int = 1,
+    check: str = "gradient",
     axis_name: AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Dynamic loss scaling for float16 training: unscale, refuse overflows, adapt the scale.
@@ -619,8 +765,9 @@ def dynamic_loss_scale(
     * **clean step**: :math:`t \\leftarrow t+1`; when :math:`t` reaches ``growth_interval``,
       :math:`t \\leftarrow 0`, :math:`h \\leftarrow` ``hysteresis``, and
       :math:`S \\leftarrow S \\cdot \\text{growth\\_factor}` if that is finite.
-    * A step refused for another reason (NaN loss, non-finite inner output or state, as in
-      :func:`skip_nonfinite`) changes neither :math:`S`, :math:`t` nor :math:`h`.
+    * A step refused for another reason (NaN loss; with ``check="full"`` a non-finite inner
+      output or state, as in :func:`skip_nonfinite`) changes neither :math:`S`, :math:`t`
+      nor :math:`h`.
 
     ``min_scale`` and the other settings live in the closure, not in the state, so they
     survive ``jit`` and any pytree round trip. Refused steps emit zeros and keep the inner
@@ -653,6 +800,9 @@ def dynamic_loss_scale(
       backoff_factor: the factor of a backoff, in ``(0, 1]``.
       min_scale: the floor of the scale, ``>= 0`` (0: no floor, as GradScaler).
       hysteresis: overflows (since the last growth) before backing off, an integer ``>= 1``.
+      check: ``"gradient"`` or ``"full"``, as in :func:`skip_nonfinite`. With
+        ``"gradient"`` an unscaled gradient whose squared norm overflows counts as an
+        overflow (the scale backs off).
       axis_name: mesh axis name(s) over which all devices must refuse together.
 
     Returns:
@@ -683,7 +833,12 @@ def dynamic_loss_scale(
     inner = _check_inner(inner)
     check_scalar("min_scale", min_scale, allow_schedule=False)
     check_scalar("init_scale", init_scale, lower=0.0, lower_inclusive=False, allow_schedule=False)
-    if float(np.asarray(init_scale)) < float(np.asarray(min_scale)):
+    # Under inject_hyperparams + jit both may be tracers: only numbers known now are compared.
+    if (
+        not is_traced(init_scale)
+        and not is_traced(min_scale)
+        and (float(np.asarray(init_scale)) < float(np.asarray(min_scale)))
+    ):
         raise ValueError(f"init_scale must be >= min_scale={min_scale!r}, got {init_scale!r}")
     check_int("growth_interval", growth_interval, lower=1)
     check_scalar("growth_factor", growth_factor, lower=1.0, allow_schedule=False)
@@ -692,7 +847,9 @@ def dynamic_loss_scale(
         allow_schedule=False,
     )  # fmt: skip
     check_int("hysteresis", hysteresis, lower=1)
+    check = _check_check(check)
     check_axis_name(axis_name)
+    _gradient_test = _gradient_is_bad if check == "gradient" else _nonfinite
 
     def init_fn(params: Any) -> DynamicLossScaleState:
         return DynamicLossScaleState(
@@ -711,11 +868,13 @@ def dynamic_loss_scale(
         scale = state.loss_scale
         inverse = jnp.float32(1) / scale
         updates = map_float_leaves(lambda x: unscale(x, inverse), updates)
-        overflow = _nonfinite(updates, axis_name)
+        overflow = _gradient_test(updates, axis_name)
         loss = _loss_of(extra_args, axis_name)
         loss_bad = jnp.array(False) if loss is None else ~jnp.isfinite(loss)
         reason = _first_reason((overflow, NONFINITE_GRADIENT), (loss_bad, NONFINITE_LOSS))
-        outcome = _guarded_update(inner, updates, state, params, extra_args, reason, axis_name)
+        outcome = _guarded_update(
+            inner, updates, state, params, extra_args, reason, axis_name, check
+        )
 
         clean = ~outcome.skipped
         tracker = state.growth_tracker + 1
@@ -744,6 +903,38 @@ def dynamic_loss_scale(
         return outcome.updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def skip_reason(opt_state: Any) -> str | None:
+    """The name of the reason the guard in ``opt_state`` gave for its last step, for a log.
+
+    ``"accepted"`` or one of :data:`SKIP_REASONS`; None when ``opt_state`` holds no guard.
+    Call it on a concrete state (outside ``jit``); inside ``jit`` log
+    ``gs.metrics(state)["<guard>/reason"]`` and decode it later with
+    ``SKIP_REASONS[reason]``. Raises ``ValueError`` if the state holds more than one guard.
+
+    Args:
+      opt_state: an optimizer state.
+
+    Returns:
+      The reason's name, or None.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, gradsafe as gs
+      >>> tx = gs.stabilize(optax.sgd(0.1), clip=None, limit_updates=False)
+      >>> state = tx.init(jnp.zeros(2))
+      >>> gs.skip_reason(state)
+      'accepted'
+      >>> _, state = tx.update(jnp.array([1.0, jnp.inf]), state)
+      >>> gs.skip_reason(state), gs.skip_reason(optax.sgd(0.1).init(jnp.zeros(2)))
+      ('nonfinite_gradient', None)
+    """
+    found = [v for k, v in metrics(opt_state).items() if k.endswith("/reason")]
+    if len(found) > 1:
+        raise ValueError(f"opt_state holds {len(found)} guards; expected at most one")
+    if not found:
+        return None
+    return SKIP_REASONS[int(np.asarray(found[0]))]
 
 
 def loss_scale(opt_state: Any) -> jax.Array:

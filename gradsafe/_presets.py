@@ -3,27 +3,39 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeGuard
 
+import numpy as np
 import optax
 
-from gradsafe import _guards, _regularization
-from gradsafe._numerics import AxisName, check_axis_name
+from gradsafe import _adaptive, _clipping, _guards, _regularization
+from gradsafe._numerics import AxisName, check_axis_name, is_traced
 
-# Positional arguments for clippers named by string that have no default threshold.
-_NAMED_CLIP_ARGS: dict[str, tuple[Any, ...]] = {
-    "clip_by_global_norm": (1.0,),
-    "clip_by_leaf_norm": (1.0,),
-    "clip_by_value": (1.0,),
-    "clip_by_block_rms": (1.0,),
-    "adaptive_grad_clip": (0.01,),
+# The clippers ``stabilize(clip="name")`` accepts, built with these defaults. An explicit table:
+# a name that is not a gradient clipper (a splitting or regularization transform, a helper)
+# is rejected instead of being looked up on the package.
+_CLIPPERS: dict[str, tuple[Callable[..., optax.GradientTransformation], tuple[Any, ...]]] = {
+    "zclip": (_adaptive.zclip, ()),
+    "autoclip": (_adaptive.autoclip, ()),
+    "adagc": (_adaptive.adagc, ()),
+    "spike_clip": (_adaptive.spike_clip, ()),
+    "clip_by_global_norm": (_clipping.clip_by_global_norm, (1.0,)),
+    "clip_by_leaf_norm": (_clipping.clip_by_leaf_norm, (1.0,)),
+    "clip_by_value": (_clipping.clip_by_value, (1.0,)),
+    "clip_by_block_rms": (_clipping.clip_by_block_rms, (1.0,)),
+    "adaptive_grad_clip": (_clipping.adaptive_grad_clip, (0.01,)),
 }
-_SUGGESTED = "'zclip', 'autoclip', 'adagc', 'clip_by_global_norm'"
+CLIPPER_NAMES = tuple(_CLIPPERS)
 # limit_updates=True: an entry may change by 10% of its magnitude plus 0.01 per step. The
 # absolute part keeps the limit out of the way of Adam-like updates (about the learning rate
 # per entry) at ordinary learning rates; benchmarks/stability.py measured the choice.
 UPDATE_LIMIT = {"relative": 0.1, "absolute": 1e-2}
+_MISSING_PARAMS = (
+    "stabilize(...) limits each update relative to the parameters (limit_updates={!r}, "
+    "gradsafe.clip_update_relative), so update() needs them: call "
+    "tx.update(grads, opt_state, params), or build it with stabilize(..., limit_updates=False)"
+)
 
 
 def _is_transform(x: Any) -> TypeGuard[optax.GradientTransformation]:
@@ -31,31 +43,32 @@ def _is_transform(x: Any) -> TypeGuard[optax.GradientTransformation]:
 
 
 def _named_clip(name: str, axis_name: AxisName) -> optax.GradientTransformation:
-    """The gradsafe clipper called ``name``, built with its defaults (looked up at call time)."""
-    import gradsafe  # resolved lazily: clippers may be added after this module
-
-    factory = getattr(gradsafe, name, None) if not name.startswith("_") else None
-    if factory is None or not callable(factory):
+    """The gradsafe clipper called ``name`` in ``_CLIPPERS``, built with its defaults."""
+    if name not in _CLIPPERS:
         raise ValueError(
-            f"clip must be None, a transform or the name of a gradsafe clipper ({_SUGGESTED}, "
-            f"...); gradsafe has no {name!r}"
+            f"clip must be None, a transform or the name of a gradsafe clipper, one of "
+            f"{CLIPPER_NAMES}; got {name!r}"
         )
+    factory, args = _CLIPPERS[name]
     kwargs = {}
-    try:
-        accepts_axis = "axis_name" in inspect.signature(factory).parameters
-    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
-        accepts_axis = False
-    if axis_name is not None and accepts_axis:
+    if axis_name is not None and "axis_name" in inspect.signature(factory).parameters:
         kwargs["axis_name"] = axis_name
-    try:
-        transform = factory(*_NAMED_CLIP_ARGS.get(name, ()), **kwargs)
-    except TypeError as error:
-        raise ValueError(
-            f"clip={name!r} cannot be built without arguments; pass gs.{name}(...) instead"
-        ) from error
-    if not _is_transform(transform):
-        raise ValueError(f"clip={name!r} is not a gradient transformation factory")
-    return transform
+    return factory(*args, **kwargs)
+
+
+def _is_number(value: Any) -> bool:
+    """A real number: a Python int/float, a NumPy/JAX scalar or 0-d array (also a tracer, as
+    ``inject_hyperparams`` passes them), but not a bool."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(value, (int, float)):
+        return True
+    dtype = getattr(value, "dtype", None)
+    return (
+        dtype is not None
+        and np.ndim(value) == 0
+        and (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating))
+    )
 
 
 def _options(name: str, value: Any, first_arg: str | None = None) -> dict[str, Any] | None:
@@ -63,12 +76,13 @@ def _options(name: str, value: Any, first_arg: str | None = None) -> dict[str, A
     if value is None or value is False:
         return None
     dynamic = name == "loss_scale"
-    if value is True or (dynamic and value == "dynamic"):
+    if value is True or (dynamic and isinstance(value, str) and value == "dynamic"):
         return {}
     if isinstance(value, Mapping):
         return dict(value)
-    if first_arg is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return {first_arg: float(value)}
+    if first_arg is not None and _is_number(value):
+        # kept as given: under inject_hyperparams + jit it is a tracer (checked downstream)
+        return {first_arg: value if is_traced(value) else float(np.asarray(value))}
     allowed = ["None", "False", "True"]
     allowed += ["'dynamic'"] if dynamic else []
     allowed += [f"a number (its {first_arg})"] if first_arg else []
@@ -82,7 +96,7 @@ def stabilize(
     *,
     clip: str | optax.GradientTransformation | None = "zclip",
     limit_updates: bool | float | Mapping[str, Any] = True,
-    skip_nonfinite: bool = True,
+    skip_nonfinite: bool | str = True,
     skip_spikes: bool | Mapping[str, Any] = False,
     loss_scale: bool | float | str | Mapping[str, Any] | None = None,
     axis_name: AxisName = None,
@@ -121,19 +135,30 @@ def stabilize(
       in some runs on three of the five tasks to none, with the widest stable LR range on
       every task.
 
+    On a refused step the guard's fields in :func:`gradsafe.metrics` describe that step
+    (``skipped``, ``reason``), while the clipper's and the limit's fields still show the last
+    *accepted* step: their state is kept bit-for-bit. Read the reason as a name with
+    :func:`gradsafe.skip_reason`.
+
     Each guard counts only its own refusals in :func:`gradsafe.metrics` (a spike refused by
     ``skip_on_spike`` shows as ``skip_on_spike/skipped``, not under ``dynamic_loss_scale``,
     whose growth tracker counts it as a clean step).
 
     Args:
       optimizer: any Optax optimizer (or transform).
-      clip: the name of a gradsafe clipper (``"zclip"``, ``"autoclip"``, ``"adagc"``,
-        ``"clip_by_global_norm"`` (max_norm 1.0), ...; built with its defaults, looked up when
-        ``stabilize`` is called), any transform, or None for no clipping.
+      clip: the name of a gradsafe clipper, one of :data:`CLIPPER_NAMES` (``"zclip"``,
+        ``"autoclip"``, ``"adagc"``, ``"spike_clip"``, ``"clip_by_global_norm"`` (max_norm
+        1.0), ``"clip_by_leaf_norm"`` (1.0), ``"clip_by_value"`` (1.0),
+        ``"clip_by_block_rms"`` (1.0), ``"adaptive_grad_clip"`` (0.01); built with these
+        defaults), any transform, or None for no clipping.
       limit_updates: True (:func:`gradsafe.clip_update_relative` with ``relative=0.1,
-        absolute=0.01``), False, a number (its ``relative``, with ``absolute=0.01``) or a
-        mapping of keyword arguments for it. Needs ``params`` in ``update``.
-      skip_nonfinite: refuse steps with a NaN/Inf gradient, loss, update or optimizer state.
+        absolute=0.01``), False, a number (its ``relative``, with ``absolute=0.01``; a 0-d
+        array too, as ``optax.inject_hyperparams`` passes it) or a mapping of keyword
+        arguments for it. Needs ``params`` in ``update``: without them ``update`` raises a
+        ``ValueError`` that says so (``limit_updates=False`` turns the limit off).
+      skip_nonfinite: True (the guard's ``check="gradient"``), ``"full"`` (also check the
+        update and the new optimizer state; see :func:`gradsafe.skip_nonfinite` for which
+        optimizers need it) or False.
       skip_spikes: False, True (:func:`gradsafe.skip_on_spike` with its defaults) or a mapping
         of keyword arguments for it. Pass the loss as ``update(..., value=loss)``.
       loss_scale: None (off), True or ``"dynamic"`` (:func:`gradsafe.dynamic_loss_scale` with
@@ -167,8 +192,11 @@ def stabilize(
     if not _is_transform(optimizer):
         raise ValueError(f"optimizer must be an optax GradientTransformation, got {optimizer!r}")
     check_axis_name(axis_name)
-    if not isinstance(skip_nonfinite, bool):
-        raise ValueError(f"skip_nonfinite must be True or False, got {skip_nonfinite!r}")
+    if not isinstance(skip_nonfinite, bool) and skip_nonfinite not in _guards.CHECKS:
+        raise ValueError(
+            f"skip_nonfinite must be True, False or one of {_guards.CHECKS}, got {skip_nonfinite!r}"
+        )
+    check = skip_nonfinite if isinstance(skip_nonfinite, str) else "gradient"
     limit_options = _options("limit_updates", limit_updates, first_arg="relative")
     spike_options = _options("skip_spikes", skip_spikes)
     scale_options = _options("loss_scale", loss_scale, first_arg="init_scale")
@@ -185,9 +213,19 @@ def stabilize(
         parts.append(_regularization.clip_update_relative(**limit_options))
     tx = parts[0] if len(parts) == 1 else optax.chain(*parts)
     if skip_nonfinite and spike_options is None and scale_options is None:
-        tx = _guards.skip_nonfinite(tx, axis_name=axis_name)
+        tx = _guards.skip_nonfinite(tx, check=check, axis_name=axis_name)
     if spike_options is not None:
         tx = _guards.skip_on_spike(tx, **{"axis_name": axis_name, **spike_options})
     if scale_options is not None:
-        tx = _guards.dynamic_loss_scale(tx, **{"axis_name": axis_name, **scale_options})
-    return optax.with_extra_args_support(tx)
+        options = {"axis_name": axis_name, "check": check, **scale_options}
+        tx = _guards.dynamic_loss_scale(tx, **options)
+    tx = optax.with_extra_args_support(tx)
+    if limit_options is None:
+        return tx
+
+    def update_fn(updates, state, params=None, **extra_args):
+        if params is None:
+            raise ValueError(_MISSING_PARAMS.format(limit_updates))
+        return tx.update(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update_fn)

@@ -94,9 +94,9 @@ def test_nonfinite_loss_is_refused():
     assert not bool(state.skipped) and int(state.reason) == 0
 
 
-def test_nonfinite_inner_output_is_refused():
-    # A finite gradient that the inner transform turns into Inf.
-    tx = gs.skip_nonfinite(optax.chain(optax.scale(1e38), optax.scale(1e3)))
+def test_nonfinite_inner_output_is_refused_by_the_full_check():
+    # A finite gradient that the inner transform turns into Inf: only check="full" sees it.
+    tx = gs.skip_nonfinite(optax.chain(optax.scale(1e38), optax.scale(1e3)), check="full")
     state = tx.init(jnp.zeros(2))
     updates, new_state = tx.update(jnp.ones(2), state)
     np.testing.assert_array_equal(updates, [0.0, 0.0])
@@ -104,14 +104,17 @@ def test_nonfinite_inner_output_is_refused():
     assert_bit_identical(new_state.inner_state, state.inner_state)
 
 
-def test_state_overflow_on_huge_finite_gradient_is_refused():
+@pytest.mark.parametrize("check, reason", [("full", "nonfinite_state"),
+                                           ("gradient", "gradient_overflow")])  # fmt: skip
+def test_state_overflow_on_huge_finite_gradient_is_refused(check, reason):
     # Adam's second moment g^2 overflows float32 for |g| > 1.8e19: the output is finite
-    # (m / sqrt(inf) = 0) but the state would be poisoned for every later step.
+    # (m / sqrt(inf) = 0) but the state would be poisoned for every later step. The full check
+    # sees the new state; the gradient check sees the squared norm overflow first.
     params = adam_params()
-    tx = gs.skip_nonfinite(adam(0.1))
+    tx = gs.skip_nonfinite(adam(0.1), check=check)
     state = tx.init(params)
     updates, new_state = tx.update(grads_like(params, 1e25), state, params)
-    assert gs.SKIP_REASONS[int(new_state.reason)] == "nonfinite_state"
+    assert gs.SKIP_REASONS[int(new_state.reason)] == reason
     assert_bit_identical(new_state.inner_state, state.inner_state)
     jax.tree.map(lambda u: np.testing.assert_array_equal(u, np.zeros_like(u)), updates)
     # The bare optimizer really does poison its state on this gradient.
@@ -512,7 +515,8 @@ def test_unscaling_float16_and_refusal_keeps_inner_state():
                                inner.init(params), params)  # fmt: skip
     updates, new_state = tx.update(scaled, state, params)
     assert updates["h"].dtype == jnp.float16
-    jax.tree.map(np.testing.assert_array_equal, updates, expected)
+    # The accepted step runs inside a compiled lax.cond: equal up to XLA's fused rounding.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), updates, expected)
     overflowed = {"h": jnp.array([jnp.inf, 1, 1], jnp.float16), "f": jnp.ones(2)}
     updates, after = tx.update(overflowed, new_state, params)
     assert_bit_identical(after.inner_state, new_state.inner_state)
@@ -703,3 +707,229 @@ def test_a_nan_in_one_of_many_small_leaves_is_refused(where):
         updates, state = jax.jit(gs.skip_nonfinite(inner).update)(grads, state, params)
     assert all(not np.asarray(u).any() for u in jax.tree.leaves(updates))
     assert int(gs.metrics(state)["skip_nonfinite/total_skips"]) == 1
+
+
+# ------------------------------------------------------------------------------------------
+# the gradient check: fault tests in a whole donated training step
+# ------------------------------------------------------------------------------------------
+
+
+def optimizers():
+    return {
+        "adam": adam(1e-3),
+        "sgd_momentum": optax.sgd(1e-3, momentum=0.9),
+        "sgd_nesterov": optax.sgd(1e-3, momentum=0.9, nesterov=True),
+        "adagrad": optax.adagrad(1e-2),
+        "rmsprop": optax.rmsprop(1e-3),
+        "lion": optax.lion(1e-4),
+    }
+
+
+def many_leaves(count=60, shape=(3, 4)):
+    keys = jax.random.split(jax.random.key(0), count)
+    return {f"l{i:03d}": jax.random.normal(k, shape) for i, k in enumerate(keys)}
+
+
+@functools.cache
+def donated_step(name, check):
+    inner = optimizers()[name]
+    tx = gs.skip_nonfinite(inner, check=check)
+
+    def step(params, state, grads, loss):
+        updates, state = tx.update(grads, state, params, value=loss)
+        return optax.apply_updates(params, updates), state
+
+    return tx, jax.jit(step, donate_argnums=(0, 1))
+
+
+def run_donated(name, check, params, grads, loss=1.0, warm_steps=2):
+    """A few clean steps, then one with ``grads``: (params and state before, after)."""
+    tx, step = donated_step(name, check)
+    params = jax.tree.map(jnp.copy, params)
+    state = tx.init(params)
+    clean = jax.tree.map(lambda x: 0.1 * jnp.cos(x), params)
+    with jax.numpy_dtype_promotion("standard"):
+        for _ in range(warm_steps):
+            params, state = step(params, state, clean, jnp.float32(1.0))
+        before = jax.tree.map(np.array, (params, state))  # host copies: the buffers are donated
+        after = step(params, state, grads, jnp.float32(loss))
+    return before, jax.tree.map(np.array, after)
+
+
+def faulty_gradients(params):
+    leaves = dict(params)
+    nan = dict(leaves, l007=leaves["l007"].at[1, 2].set(jnp.nan))
+    inf = dict(leaves, l042=leaves["l042"].at[0, 0].set(-jnp.inf))
+    huge = jax.tree.map(lambda x: x * 1e25, params)  # finite, but g^2 overflows float32
+    one_huge = dict(leaves, l013=leaves["l013"].at[2, 3].set(3e19))  # one entry: g^2 = 9e38
+    return {
+        "nan_in_one_small_leaf": (nan, "nonfinite_gradient"),
+        "inf_in_one_small_leaf": (inf, "nonfinite_gradient"),
+        "huge_finite": (huge, "gradient_overflow"),
+        "one_entry_whose_square_overflows": (one_huge, "gradient_overflow"),
+    }
+
+
+@pytest.mark.parametrize("fault", ["nan_in_one_small_leaf", "inf_in_one_small_leaf",
+                                   "huge_finite", "one_entry_whose_square_overflows"])  # fmt: skip
+@pytest.mark.parametrize("name", ["adam", "sgd_momentum", "adagrad"])
+def test_gradient_check_refuses_faults_and_keeps_everything_bit_for_bit(name, fault):
+    params = many_leaves()
+    grads, reason = faulty_gradients(params)[fault]
+    (params0, state0), (params1, state1) = run_donated(name, "gradient", params, grads)
+    assert_bit_identical(params1, params0)
+    assert_bit_identical(state1.inner_state, state0.inner_state)
+    assert bool(state1.skipped) and gs.SKIP_REASONS[int(state1.reason)] == reason
+    assert int(state1.total_skips) == int(state0.total_skips) + 1
+
+
+@pytest.mark.parametrize("loss", [np.nan, np.inf])
+def test_gradient_check_refuses_a_nonfinite_loss(loss):
+    params = many_leaves()
+    grads = jax.tree.map(lambda x: 0.5 * x, params)
+    (params0, state0), (params1, state1) = run_donated("adam", "gradient", params, grads, loss)
+    assert_bit_identical(params1, params0)
+    assert_bit_identical(state1.inner_state, state0.inner_state)
+    assert gs.SKIP_REASONS[int(state1.reason)] == "nonfinite_loss"
+
+
+@pytest.mark.parametrize("name", sorted(optimizers()))
+def test_largest_accepted_gradient_keeps_the_covered_optimizers_finite(name):
+    """Just below the overflow limit the step is accepted, and every optimizer the docstring
+    names keeps finite parameters, state and update (ten steps of the largest gradient)."""
+    params = many_leaves(count=4)
+    entries = sum(x.size for x in jax.tree.leaves(params))
+    # every entry equal: squared norm = entries * g^2 = 0.5 * float32 max
+    value = np.float32(np.sqrt(0.5 * np.finfo(np.float32).max / entries))
+    grads = jax.tree.map(lambda x: jnp.full_like(x, value), params)
+    tx, step = donated_step(name, "gradient")
+    state = tx.init(params)
+    params = jax.tree.map(jnp.copy, params)
+    with jax.numpy_dtype_promotion("standard"):
+        for _ in range(10):
+            params, state = step(params, state, grads, jnp.float32(1.0))
+            assert not bool(state.skipped)
+            for leaf in jax.tree.leaves((params, state)):
+                if jnp.issubdtype(leaf.dtype, jnp.floating):
+                    assert np.isfinite(np.asarray(leaf)).all()
+
+
+def test_nothing_nonfinite_reaches_params_over_a_faulty_run():
+    """Random faults over 30 steps: the parameters stay finite, and each refused step leaves
+    them exactly as they were."""
+    params = many_leaves(count=20)
+    rng = np.random.default_rng(0)
+    tx, step = donated_step("adam", "gradient")
+    state = tx.init(params)
+    params = jax.tree.map(jnp.copy, params)
+    with jax.numpy_dtype_promotion("standard"):
+        for i in range(30):
+            grads = jax.tree.map(lambda x, i=i: jnp.sin(x + i), params)
+            kind = rng.integers(4)
+            leaf = f"l{rng.integers(20):03d}"
+            if kind == 1:
+                grads[leaf] = grads[leaf].at[0, 1].set(jnp.nan)
+            elif kind == 2:
+                grads[leaf] = grads[leaf] * 1e30
+            before = jax.tree.map(np.array, params)
+            params, state = step(params, state, grads, jnp.float32(1.0))
+            after = jax.tree.map(np.array, params)
+            assert all(np.isfinite(x).all() for x in jax.tree.leaves(after))
+            assert bool(state.skipped) == (kind in (1, 2))
+            if kind in (1, 2):
+                assert_bit_identical(after, before)
+
+
+def test_gradient_check_runs_inner_only_on_accepted_steps():
+    """A refused step does not advance inner's state (inner is not run under lax.cond)."""
+
+    def update_fn(updates, state, params=None):
+        return updates, state + 1
+
+    inner = optax.GradientTransformation(lambda p: jnp.zeros([], jnp.int32), update_fn)
+    tx = gs.skip_nonfinite(inner)
+    state = tx.init(jnp.zeros(2))
+    updates, state = jax.jit(tx.update)(jnp.ones(2), state)
+    assert int(state.inner_state) == 1 and not bool(state.skipped)
+    updates, state = jax.jit(tx.update)(jnp.array([1.0, jnp.nan]), state)
+    assert int(state.inner_state) == 1 and bool(state.skipped)
+    np.testing.assert_array_equal(updates, [0.0, 0.0])
+
+
+def test_check_argument_is_validated():
+    with pytest.raises(ValueError, match="check"):
+        gs.skip_nonfinite(SGD, check="updates")
+    with pytest.raises(ValueError, match="check"):
+        gs.dynamic_loss_scale(SGD, check=True)
+
+
+def test_full_check_still_exempts_only_scalar_fields_of_gradsafe_states():
+    """The exemption follows the state's type and shape, not metrics registration: a foreign
+    state registered for logging is still checked."""
+
+    from typing import NamedTuple
+
+    @gs._metrics.register_stats("foreign_named", "value")
+    class Foreign(NamedTuple):
+        value: jax.Array
+
+    def update_fn(updates, state, params=None):
+        return updates, Foreign(state.value * jnp.inf)
+
+    inner = optax.GradientTransformation(lambda p: Foreign(jnp.ones([])), update_fn)
+    tx = gs.skip_nonfinite(inner, check="full")
+    state = tx.init(jnp.zeros(2))
+    _, state = tx.update(jnp.ones(2), state)
+    assert gs.SKIP_REASONS[int(state.reason)] == "nonfinite_state"
+    # A gradsafe clipper's scalar record of an Inf norm is not a refusal by itself.
+    tx = gs.skip_nonfinite(optax.chain(gs.clip_by_global_norm(1.0), optax.sgd(0.1)), check="full")
+    _, state = tx.update(jnp.array([3e38, 3e38]), tx.init(jnp.zeros(2)))
+    assert gs.SKIP_REASONS[int(state.reason)] == "accepted"
+
+
+def test_skip_reason_reads_the_name():
+    tx = gs.skip_nonfinite(SGD)
+    state = tx.init(jnp.zeros(2))
+    assert gs.skip_reason(state) == "accepted"
+    _, state = tx.update(jnp.array([1.0, jnp.nan]), state)
+    assert gs.skip_reason(state) == "nonfinite_gradient"
+    _, state = tx.update(jnp.array([1e30, 1.0]), state)
+    assert gs.skip_reason(state) == "gradient_overflow"
+    assert gs.skip_reason(SGD.init(jnp.zeros(2))) is None
+    two = optax.chain(gs.skip_nonfinite(SGD), gs.skip_nonfinite(SGD))
+    with pytest.raises(ValueError, match="guards"):
+        gs.skip_reason(two.init(jnp.zeros(2)))
+
+
+def test_refused_step_metrics_keep_the_inner_figures_of_the_last_accepted_step():
+    tx = gs.skip_nonfinite(optax.chain(gs.clip_by_global_norm(1.0), SGD))
+    state = tx.init(jnp.zeros(2))
+    _, state = tx.update(jnp.array([3.0, 4.0]), state)
+    _, refused = tx.update(jnp.array([jnp.nan, 4.0]), state)
+    seen, now = gs.metrics(state), gs.metrics(refused)
+    assert bool(now["skip_nonfinite/skipped"]) and not bool(seen["skip_nonfinite/skipped"])
+    assert float(now["clip_by_global_norm/norm"]) == float(seen["clip_by_global_norm/norm"]) == 5.0
+
+
+def test_dynamic_loss_scale_under_inject_hyperparams_and_jit():
+    tx = optax.inject_hyperparams(gs.dynamic_loss_scale, static_args=("inner", "check"))(
+        inner=SGD, init_scale=8.0, growth_interval=2
+    )
+    state = tx.init(jnp.zeros(2))
+    update = jax.jit(tx.update)
+    updates, state = update(jnp.full(2, 8.0), state)
+    np.testing.assert_allclose(updates, [-1.0, -1.0])
+    updates, state = update(jnp.full(2, 8.0), state)
+    assert float(gs.loss_scale(state)) == 16.0
+    _, state = update(jnp.array([jnp.inf, 1.0]), state)
+    assert float(gs.loss_scale(state)) == 8.0 and gs.skip_reason(state) == "nonfinite_gradient"
+
+
+def test_shard_map_with_the_full_check_refuses_together():
+    mesh = mesh8()
+    grads = jnp.ones((8, 3)).at[5, 1].set(jnp.nan)
+    updates, state = sharded_run(
+        gs.skip_nonfinite(adam(0.1), check="full", axis_name="d"), grads, jnp.ones(8), mesh
+    )
+    np.testing.assert_array_equal(updates, np.zeros((8, 3)))
+    assert int(state.total_skips) == 1
