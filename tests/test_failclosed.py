@@ -178,6 +178,7 @@ def unit_norms(x: np.ndarray, axes: Any) -> np.ndarray:
     return peak * np.sqrt(np.sum(np.square(x / safe), axis=axes, keepdims=True))
 
 
+@np.errstate(over="ignore")  # a float64 unit norm beyond float64's range is inf: undefined
 def agc(g, p, clipping, eps) -> Reference:
     expected, factors, bounds = [], [], []
     for i, (name, x, w) in enumerate(zip(SHAPES, g, p, strict=True)):
@@ -193,7 +194,8 @@ def agc(g, p, clipping, eps) -> Reference:
                 lambda out, i=i, limit=limit, axes=axes: (unit_norms(out[i], axes), limit),
             )
         )
-    return Reference(expected, normal_factor(*factors), bounds)
+    finite = all(np.all(np.isfinite(b[1](expected)[1])) for b in bounds)
+    return Reference(expected, finite and normal_factor(*factors), bounds)
 
 
 def entry_bounds(label, limits: list[np.ndarray]):
@@ -316,6 +318,7 @@ def cooldown_reference(g, p, warm) -> Reference:
 RELATIVE, ABSOLUTE = 0.1, 1e-3
 
 
+@np.errstate(over="ignore")  # a ratio beyond float64's range is inf and leaves the min alone
 def clip_update_relative_reference(g, p, warm) -> Reference:
     del warm
     limits = [RELATIVE * np.abs(w) + ABSOLUTE for w in p]
