@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import jax
 import jax.numpy as jnp
 
+from gradsafe._checks import check_norm_type
 from gradsafe._numerics import global_norm, is_float_leaf
 from gradsafe._paths import leaves_with_paths
 
@@ -103,11 +104,15 @@ def leaf_norms(tree: Any, norm_type: Any = 2) -> Any:
 
     .. math:: n_i = \\|g_i\\|_p
 
+    ``norm_type`` is 1, 2 or inf (``ValueError`` otherwise); the norms are overflow-safe as
+    :func:`gradsafe.global_norm`.
+
     Example:
       >>> import jax.numpy as jnp, gradsafe as gs
       >>> gs.leaf_norms({"a": jnp.array([3.0, 4.0]), "b": jnp.ones(4)})
       {'a': Array(5., dtype=float32), 'b': Array(2., dtype=float32)}
     """
+    check_norm_type(norm_type)
     return jax.tree.map(lambda x: global_norm(x, norm_type) if is_float_leaf(x) else None, tree)
 
 
@@ -115,7 +120,8 @@ def largest_leaves(tree: Any, k: int = 5, norm_type: Any = 2) -> list[tuple[str,
     """The ``k`` float leaves with the largest norms, as ``(path, norm)`` pairs, largest first.
 
     Use it on a gradient to find the layer that exploded. Paths are ``"a/b/kernel"`` strings;
-    non-finite norms rank first. This reads values to the host: call it outside ``jit``.
+    non-finite norms rank first. ``norm_type`` is 1, 2 or inf (``ValueError`` otherwise).
+    This reads values to the host: call it outside ``jit``.
 
     Example:
       >>> import jax.numpy as jnp, gradsafe as gs
@@ -125,6 +131,7 @@ def largest_leaves(tree: Any, k: int = 5, norm_type: Any = 2) -> list[tuple[str,
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
+    check_norm_type(norm_type)
     named = [(path, leaf) for path, leaf in leaves_with_paths(tree) if is_float_leaf(leaf)]
     norms = jax.device_get([global_norm(leaf, norm_type) for _, leaf in named])
     pairs = [(path, float(norm)) for (path, _), norm in zip(named, norms, strict=True)]

@@ -133,3 +133,51 @@ def test_jit_with_named_sharding_is_global_and_keeps_sharding(tx):
     out, _ = jax.jit(tx.update)(placed, tx.init(placed))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), out, expected)
     assert out["kernel"].sharding.is_equivalent_to(placed["kernel"].sharding, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# NaN on one shard, overflow on one shard, explicit-sharding buffers (issue 12)
+# --------------------------------------------------------------------------------------------
+
+
+def _local_norm(grads, norm_type, specs=SPECS):
+    mapped = jax.shard_map(
+        lambda g: gs.global_norm(g, norm_type, axis_name="x"),
+        mesh=MESH,
+        in_specs=(specs,),
+        out_specs=P(),
+    )
+    return jax.jit(mapped)(put(grads, specs))
+
+
+@pytest.mark.parametrize("norm_type", [1, 2, "inf"])
+def test_nan_on_one_shard_gives_nan_like_one_device(norm_type):
+    grads = {"kernel": GRADS["kernel"].at[5, 1].set(jnp.nan), "bias": GRADS["bias"]}
+    assert np.isnan(float(gs.global_norm(grads, norm_type)))
+    assert np.isnan(float(_local_norm(grads, norm_type)))
+
+
+def test_overflow_on_one_shard_is_rescaled_across_devices():
+    grads = {"kernel": GRADS["kernel"].at[3, 0].set(1e20), "bias": GRADS["bias"]}
+    expected = float(gs.global_norm(grads))
+    np.testing.assert_allclose(expected, 1e20, rtol=1e-6)
+    np.testing.assert_allclose(float(_local_norm(grads, 2)), expected, rtol=1e-6)
+    out, state = sharded_update(gs.clip_by_global_norm(1.0, axis_name="x"), grads)
+    assert float(gs.global_norm(out)) <= 1.0 + 1e-6
+    np.testing.assert_allclose(float(state.norm), expected, rtol=1e-6)
+
+
+def test_spike_clip_buffers_follow_explicit_sharding():
+    explicit = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
+    tx = gs.spike_clip(threshold=4.0, beta2=0.5, warmup_steps=2)
+    grads = jnp.linspace(-1.0, 1.0, 16).reshape(8, 2)
+    _, expected_state = tx.update(grads, tx.init(grads))
+    with jax.set_mesh(explicit):
+        g = jax.device_put(grads, NamedSharding(explicit, P("x")))
+        state = jax.jit(tx.init)(g)
+        assert state.nu.sharding.is_equivalent_to(g.sharding, 2)
+        out, state = jax.jit(tx.update)(g, state)
+        out, state = jax.jit(tx.update)(g * 100, state)
+    reference_out, _ = tx.update(grads * 100, expected_state)
+    np.testing.assert_allclose(out, reference_out, rtol=1e-6)
+    assert state.nu.sharding.is_equivalent_to(g.sharding, 2)
