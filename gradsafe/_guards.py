@@ -3,9 +3,11 @@
 Each guard wraps an inner transform (usually the whole optimizer). On a *refused* step the
 emitted update is zeros (so ``optax.apply_updates`` leaves the parameters as they were) and the
 inner state is kept bit-for-bit as it was, so the optimizer's moments, counters and schedules do
-not advance. Nothing non-finite ever reaches the parameters: whatever else a guard checks, it
-also refuses a step whose incoming gradient, loss (extra arg ``value``), inner output, or new
-inner state is not finite.
+not advance. Nothing non-finite reaches the parameters: whatever else a guard checks, it also
+refuses a step whose incoming gradient or loss (extra arg ``value``) is not finite, or whose
+squared gradient norm overflows, which keeps the usual optimizers' state and update finite
+(see :func:`skip_nonfinite` for which); with ``check="full"`` it also refuses a non-finite
+inner output or new inner state, whatever the optimizer.
 
 What a guard checks (``check=``):
 

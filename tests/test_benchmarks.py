@@ -1,9 +1,13 @@
 """The overhead benchmark runs end to end in its --quick size and writes consistent results."""
 
+import functools
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERHEAD = ROOT / "benchmarks" / "overhead.py"
@@ -75,3 +79,110 @@ def test_overhead_rejects_unknown_name_and_bad_size(tmp_path):
     assert unknown.returncode == 2 and "no_such_clipper" in unknown.stderr
     bad = _run("--quick", "--sizes", "64by1M", cwd=tmp_path)
     assert bad.returncode == 2 and "64by1M" in bad.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# benchmarks/step.py: the whole training step and the HLO pass count
+# ------------------------------------------------------------------------------------------
+
+STEP = ROOT / "benchmarks" / "step.py"
+
+
+@functools.cache
+def _load_step():
+    spec = importlib.util.spec_from_file_location("step_benchmark", STEP)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
+    spec.loader.exec_module(module)
+    return module
+
+
+HAND_WRITTEN_HLO = """HloModule m
+
+%fused_add (p0: f32[1024], p1: f32[1024]) -> f32[1024] {
+  %p0 = f32[1024]{0} parameter(0)
+  %p1 = f32[1024]{0} parameter(1)
+  ROOT %add = f32[1024]{0} add(%p0, %p1)
+}
+
+%big (t: (f32[1024], f32[1024])) -> f32[1024] {
+  %t = (f32[1024]{0}, f32[1024]{0}) parameter(0)
+  %a = f32[1024]{0} get-tuple-element(%t), index=0
+  %b = f32[1024]{0} get-tuple-element(%t), index=1
+  ROOT %f = f32[1024]{0} fusion(%a, %b), kind=kLoop, calls=%fused_add
+}
+
+%small (t: (f32[1024], f32[1024])) -> f32[1024] {
+  %t = (f32[1024]{0}, f32[1024]{0}) parameter(0)
+  ROOT %a = f32[1024]{0} get-tuple-element(%t), index=0
+}
+
+ENTRY %main (x: f32[1024], y: f32[1024]) -> f32[1024] {
+  %x = f32[1024]{0} parameter(0)
+  %y = f32[1024]{0} parameter(1)
+  %c = f32[1024]{0} copy(%x)
+  %s = f32[] fusion(%y), kind=kCustom, calls=%fused_add
+  %p = pred[] constant(true)
+  %t = (f32[1024]{0}, f32[1024]{0}) tuple(%c, %y)
+  ROOT %r = f32[1024]{0} conditional(%p, %t, %t), true_computation=%big, false_computation=%small
+}
+"""
+
+
+def test_hlo_traffic_counts_kernels_and_the_heavier_branch():
+    step = _load_step()
+    traffic = step.hlo_traffic(HAND_WRITTEN_HLO)
+    # copy: read 4 KiB + write 4 KiB; reduction: read 4 KiB + write 4 bytes; the conditional
+    # counts its heavier branch: a fusion reading two arrays and writing one (12 KiB).
+    assert traffic == {"bytes": 8192 + 4100 + 12288, "kernels": 3, "copies": 1}
+    with pytest.raises(ValueError, match="ENTRY"):
+        step.hlo_traffic("HloModule empty\n")
+
+
+def test_hlo_traffic_of_a_compiled_elementwise_step():
+    import jax
+    import jax.numpy as jnp
+
+    step = _load_step()
+    x = jnp.ones((256, 256), jnp.float32)
+    compiled = jax.jit(lambda a, b: a * 2 + b, donate_argnums=0).lower(x, x).compile()
+    traffic = step.hlo_traffic(compiled.as_text())
+    assert traffic["bytes"] == 3 * x.nbytes  # read a and b, write the result: one kernel
+    assert traffic["kernels"] == 1
+
+
+def test_step_sizes_parse():
+    step = _load_step()
+    assert step.parse_size("4x2M+256x4K") == [(4, 2 * 2**20), (256, 4096)]
+    with pytest.raises(ValueError, match="64by1M"):
+        step.parse_size("64by1M")
+
+
+def test_step_quick_writes_json_and_markdown(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(STEP), "--quick", "--only", "skip_nonfinite(opt)", "--out-dir",
+         str(tmp_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "step.json").read_text())
+    page = (tmp_path / "step.md").read_text()
+    assert report["stacks"] == ["gs.skip_nonfinite(opt)"]
+    (case,) = report["cases"].values()
+    entry = case["stacks"]["gs.skip_nonfinite(opt)"]
+    assert entry["bare"]["x_bare"] == 1.0 and entry["bare"]["passes"] > 0
+    for side in ("gradsafe", "optax"):
+        figures = entry[side]
+        assert figures["ms"] > 0 and figures["passes"] > 0 and figures["kernels"] > 0
+        ratio = figures["ms"] / entry["bare"]["ms"]
+        assert abs(figures["x_bare"] - ratio) < 1e-9
+    assert "`gs.skip_nonfinite(opt)`" in page and "Compile time" in page
+    assert set(report["compile"]["8"]) >= {"gs.stabilize(adam)", "optax.adam(1e-3)"}
+
+
+def test_step_rejects_an_unknown_stack(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(STEP), "--quick", "--only", "no_such_stack"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2 and "no_such_stack" in result.stderr

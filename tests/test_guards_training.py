@@ -16,9 +16,8 @@ REASON = {name: code for code, name in enumerate(gs.SKIP_REASONS)}
 # Fault kinds injected into a step: into one gradient entry, the whole gradient, or the loss.
 CLEAN, NAN_GRAD, INF_GRAD, BIG_GRAD, HUGE_GRAD, NAN_LOSS, INF_LOSS, HUGE_LOSS = range(8)
 FAULTS = (NAN_GRAD, INF_GRAD, BIG_GRAD, HUGE_GRAD, NAN_LOSS, INF_LOSS, HUGE_LOSS)
-HUGE = 1e30  # makes Adam's g^2 (and the float32 global norm) overflow
+HUGE = 1e30  # makes Adam's g^2 (and the float32 squared global norm) overflow
 BIG = 1e4  # large but harmless to Adam's state
-ADAM_SQUARE_LIMIT = float(np.sqrt(np.finfo(np.float32).max))
 
 
 class MLP(nn.Module):
@@ -121,17 +120,19 @@ def expected_reason(name, grads, loss, spike_model):
     flat = np.concatenate([np.ravel(np.asarray(g, np.float32)) for g in jax.tree.leaves(grads)])
     if not np.isfinite(flat).all():
         return "nonfinite_gradient"
+    with np.errstate(over="ignore"):
+        norm = float(np.sqrt(np.sum(np.square(flat), dtype=np.float32)))  # float32, as ours
+    # skip_nonfinite and dynamic_loss_scale (the outermost guard of this stabilize) decide from
+    # the gradient: a squared norm that overflows is refused before the loss is looked at.
+    if name != "skip_on_spike" and not np.isfinite(norm):
+        return "gradient_overflow"
     if not np.isfinite(loss):
         return "nonfinite_loss"
     if name in ("skip_on_spike", "stabilize"):
-        with np.errstate(over="ignore"):
-            norm = float(np.sqrt(np.sum(np.square(flat), dtype=np.float32)))  # float32, as ours
         if spike_model.spikes("loss", float(loss)):
             return "loss_spike"
         if not np.isfinite(norm) or spike_model.spikes("norm", norm):
-            return "norm_spike"
-    if name != "stabilize" and np.abs(flat).max() > ADAM_SQUARE_LIMIT:
-        return "nonfinite_state"  # Adam's second moment would overflow
+            return "norm_spike"  # skip_on_spike: Adam's second moment would overflow too
     return "accepted"
 
 
