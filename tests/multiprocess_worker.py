@@ -85,6 +85,11 @@ def run(name: str, put: Callable[[np.ndarray, bool], Any]) -> dict[str, np.ndarr
     return {key: gather(value) for key, value in train(params, grads, losses).items()}
 
 
+def describe(error: Exception) -> str:
+    """One transform's failure, reported by the test for that transform only."""
+    return f"{type(error).__name__}: {error}"[:4000]
+
+
 def gather(value: Any) -> np.ndarray:
     """The whole (global) value of ``value`` on this host, even when sharded across processes."""
     import jax
@@ -124,8 +129,11 @@ def main(port: int, process_id: int, num_processes: int, local_devices: int, out
     with jax.set_mesh(mesh):
         for name in transforms():
             # Each process holds only its own rows of every leaf: the layout of a multi-host run.
-            for key, value in run(name, put).items():
-                results[f"{name}/{key}"] = value
+            try:
+                for key, value in run(name, put).items():
+                    results[f"{name}/{key}"] = value
+            except Exception as error:  # both processes fail alike (at trace time)
+                results[f"{name}/error"] = np.array(describe(error))
     results["devices"] = np.array(len(devices))
     if process_id == 0:
         np.savez(out, **results)

@@ -82,8 +82,11 @@ def _single_process() -> dict[str, np.ndarray]:
     with jax.numpy_dtype_promotion("standard"):
         for name in worker.transforms():
             put = lambda array, stepped: jax.device_put(jnp.asarray(array), device)
-            for key, value in worker.run(name, put).items():
-                results[f"{name}/{key}"] = value
+            try:
+                for key, value in worker.run(name, put).items():
+                    results[f"{name}/{key}"] = value
+            except Exception as error:
+                results[f"{name}/error"] = np.array(worker.describe(error))
     return results
 
 
@@ -109,6 +112,9 @@ def test_the_workers_span_two_processes(results):
 @pytest.mark.parametrize("name", sorted(worker.transforms()))
 def test_sharded_across_processes_matches_single_process(name, results):
     distributed_results, single_process_results = results
+    for where, found in (("one", single_process_results), ("two", distributed_results)):
+        if f"{name}/error" in found:
+            pytest.fail(f"{name} failed in the {where}-process run: {found[f'{name}/error']}")
     keys = sorted(k for k in single_process_results if k.startswith(f"{name}/"))
     assert keys == sorted(k for k in distributed_results if k.startswith(f"{name}/"))
     for key in keys:
