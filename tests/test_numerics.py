@@ -24,7 +24,11 @@ def test_float_leaf_rules():
     assert not nx.is_float_leaf(np.zeros(2, jax.dtypes.float0))
     assert not nx.is_float_leaf(None)
     assert not nx.is_float_leaf(optax.MaskedNode())
-    assert not nx.is_float_leaf(3.0)  # Python scalars are not array leaves
+    assert not nx.is_float_leaf(3)  # Python ints pass through like integer arrays
+    assert nx.is_float_leaf(np.float32(3.0))  # NumPy scalars have a dtype
+    for scalar in (3.0, 1j):  # Python floats would be skipped silently: refused instead
+        with pytest.raises(ValueError, match="Python"):
+            nx.is_float_leaf(scalar)
 
 
 def test_accumulation_dtypes():
