@@ -114,19 +114,6 @@ class SplitClipState(NamedTuple):
 _RELEASES = ("room", "always")
 
 
-def _residual_buffer(params: Any) -> Any:
-    """A zero residual per float leaf, made with ``zeros_like`` so that it has the leaf's
-    sharding (under an explicit-sharding mesh too); ``MaskedNode`` for other leaves."""
-    return jax.tree.map(
-        lambda p: (
-            jnp.zeros_like(p, dtype=_buffer_dtype(p.dtype))
-            if is_float_leaf(p)
-            else optax.MaskedNode()
-        ),
-        params,
-    )
-
-
 def _fit_scale(tree: Any, peak: jax.Array, cap: jax.Array, axis_name: AxisName) -> jax.Array:
     """The factor that brings the global norm of ``tree`` (finite entries, largest magnitude
     ``peak``) down to ``cap``, computed on ``tree / peak`` so that it holds where the sum of
@@ -248,7 +235,7 @@ def split_clip(
             norm=jnp.zeros([], jnp.float32),
             residual_norm=jnp.zeros([], jnp.float32),
             bound=jnp.zeros([], jnp.float32),
-            residual=_residual_buffer(params),
+            residual=_zeros_buffer(params),
             clip_state=inner.init(params),
         )
 
