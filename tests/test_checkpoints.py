@@ -128,6 +128,7 @@ NOT_TRANSFORMS = {
     "loss_scale",
     "metrics",
     "path_mask",
+    "skip_reason",
     "unit_axes",
 }
 
