@@ -262,9 +262,18 @@ def _as_shape(x: Any, shape: Any) -> Any:
     return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
+def _zeros_of(shape: Any) -> jax.Array:
+    """Zeros of one ``eval_shape`` leaf, sharded like it under an explicit-sharding mesh."""
+    sharding = getattr(shape, "sharding", None)
+    if any(entry is not None for entry in getattr(sharding, "spec", None) or ()):
+        return jnp.zeros(shape.shape, shape.dtype, out_sharding=sharding)
+    return jnp.zeros(shape.shape, shape.dtype)
+
+
 def _zeros_like_shape(shape: Any) -> Any:
-    """Zeros with the structure, shapes, dtypes and varying axes of an ``eval_shape`` result."""
-    return jax.tree.map(lambda s: _as_shape(jnp.zeros(s.shape, s.dtype), s), shape)
+    """Zeros with the structure, shapes, dtypes, shardings and varying axes of an
+    ``eval_shape`` result."""
+    return jax.tree.map(lambda s: _as_shape(_zeros_of(s), s), shape)
 
 
 def _guarded_update(
