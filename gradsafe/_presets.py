@@ -6,11 +6,12 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, TypeGuard
 
+import jax.numpy as jnp
 import numpy as np
 import optax
 
 from gradsafe import _adaptive, _clipping, _guards, _regularization
-from gradsafe._numerics import AxisName, check_axis_name, is_traced
+from gradsafe._numerics import AxisName, check_axis_name, check_scalar, is_traced
 
 # The clippers ``stabilize(clip="name")`` accepts, built with these defaults. An explicit table:
 # a name that is not a gradient clipper (a splitting or regularization transform, a helper)
@@ -64,10 +65,11 @@ def _is_number(value: Any) -> bool:
     if isinstance(value, (int, float)):
         return True
     dtype = getattr(value, "dtype", None)
+    # (1,) too: the other hyperparameters take it as a scalar (see _numerics.resolve)
     return (
         dtype is not None
-        and np.ndim(value) == 0
-        and (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating))
+        and np.shape(value) in ((), (1,))
+        and (np.issubdtype(dtype, np.integer) or jnp.issubdtype(dtype, jnp.floating))
     )
 
 
@@ -81,8 +83,10 @@ def _options(name: str, value: Any, first_arg: str | None = None) -> dict[str, A
     if isinstance(value, Mapping):
         return dict(value)
     if first_arg is not None and _is_number(value):
-        # kept as given: under inject_hyperparams + jit it is a tracer (checked downstream)
-        return {first_arg: value if is_traced(value) else float(np.asarray(value))}
+        # checked here so that an error names the argument the caller wrote; a tracer (under
+        # inject_hyperparams + jit) is kept as given and taken as a scalar downstream
+        check_scalar(name, value)
+        return {first_arg: value if is_traced(value) else float(np.asarray(value).reshape(()))}
     allowed = ["None", "False", "True"]
     allowed += ["'dynamic'"] if dynamic else []
     allowed += [f"a number (its {first_arg})"] if first_arg else []
