@@ -509,7 +509,10 @@ def adaptive_grad_clip(
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         require_params(params)
+        # Both as float32 scalars: a (1,)-shaped value would broadcast a scalar leaf to (1,),
+        # and an injected bfloat16 value must not meet float32 norms (strict promotion).
         ratio = resolve(clipping, state.count)
+        floor = resolve(eps, state.count)
         excluded = exclude(params) if callable(exclude) else exclude
         if excluded is None:
             excluded = jax.tree.map(lambda _: False, updates)
@@ -536,7 +539,7 @@ def adaptive_grad_clip(
             unit_norms.append(g_norm)
             if isinstance(skip, bool) and skip:
                 return g
-            max_norm = ratio.astype(g_norm.dtype) * jnp.maximum(w_norm, eps).astype(g_norm.dtype)
+            max_norm = (ratio * jnp.maximum(w_norm, floor)).astype(g_norm.dtype)
             scale = clip_factor(g_norm, max_norm, floor=AGC_DIV_EPS)
             scale = jnp.where(jnp.asarray(skip), jnp.ones_like(scale), scale)
             scales.append(scale)

@@ -71,6 +71,7 @@ from gradsafe._numerics import (
     mean_across_devices,
     pack_small_leaves,
     reduce_across_devices,
+    resolve,
     safe_increment,
     tree_accumulation_dtype,
     zero_count,
@@ -536,6 +537,10 @@ class SkipOnSpikeState(NamedTuple):
     inner_state: Any
 
 
+#: The largest gradient norm whose square is finite in float32 (about 1.8e19).
+_NORM_LIMIT = float(np.sqrt(np.finfo(np.float32).max))
+
+
 def _window_stats(window: jax.Array, count: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Mean and sample deviation (ddof=1) of the last ``count`` entries of ``window``."""
     size = window.shape[0]
@@ -589,9 +594,11 @@ def skip_on_spike(
     (one-sided: a drop in loss is never a spike). A refused step emits zeros and keeps the
     inner state bit-identical; its value does not enter the window. Non-finite values never
     enter the window: a NaN/Inf gradient or loss is refused as by :func:`skip_nonfinite`, as is
-    an inner output or new inner state that is not finite; an infinite norm of a finite
-    gradient is a norm spike. Without ``value`` the guard watches the norm alone (if ``watch``
-    is ``("loss",)`` alone, calling ``update`` without ``value`` raises ``ValueError``).
+    an inner output or new inner state that is not finite; a finite gradient whose squared
+    norm overflows float32 (norm above about ``1.8e19``) is a norm spike even without history,
+    and its norm does not enter the window either. Without ``value`` the guard watches the
+    norm alone (if ``watch`` is ``("loss",)`` alone, calling ``update`` without ``value``
+    raises ``ValueError``).
 
     With ``axis_name`` the loss is averaged and the norm reduced across devices, so every
     device keeps the same window and takes the same decision.
@@ -699,11 +706,15 @@ def skip_on_spike(
             raise ValueError(
                 "skip_on_spike(watch=('loss',)) needs the loss: call update(..., value=loss)"
             )
-        threshold = jnp.asarray(sigma, jnp.float32)
+        threshold = resolve(sigma, state.norm_count)
         norm = global_norm(updates, axis_name=axis_name).astype(jnp.float32)
         norm_mean, norm_std = _window_stats(state.norm_window, state.norm_count)
         norm_ready = state.norm_count >= min_history
-        norm_spike = ~jnp.isfinite(norm) | (norm_ready & (norm - norm_mean > threshold * norm_std))
+        # A norm whose square overflows float32 (a NaN/Inf entry, or a huge finite gradient,
+        # whose norm is finite but whose g * g would overflow an optimizer's moments) is a
+        # spike whatever the history, and never enters the window.
+        norm_overflows = ~(norm < _NORM_LIMIT)
+        norm_spike = norm_overflows | (norm_ready & (norm - norm_mean > threshold * norm_std))
         norm_spike = norm_spike & ("norm" in watch)
 
         loss_mean, loss_std = _window_stats(state.loss_window, state.loss_count)
@@ -733,14 +744,16 @@ def skip_on_spike(
         outcome = _guarded_update(inner, updates, state, params, extra_args, reason, axis_name)
         record = jnp.array(True) if record_refused else ~outcome.skipped
         norm_window, norm_count = _push(
-            state.norm_window, state.norm_count, norm, record & jnp.isfinite(norm)
+            state.norm_window, state.norm_count, norm, record & ~norm_overflows
         )
         loss_window, loss_count = _push(
             state.loss_window, state.loss_count, loss, record & jnp.isfinite(loss)
         )
         # Re-base the statistics on the accepted new level.
         rebase = give_up & ~outcome.skipped
-        norm_window, norm_count = _restart(norm_window, norm_count, norm, rebase)
+        kept_norm = jnp.where(norm_overflows, jnp.float32(0), norm)
+        norm_window, norm_count = _restart(norm_window, norm_count, kept_norm, rebase)
+        norm_count = jnp.where(rebase & norm_overflows, 0, norm_count).astype(jnp.int32)
         loss_window, loss_count = _restart(loss_window, loss_count, loss, rebase)
         new_state = SkipOnSpikeState(
             skipped=outcome.skipped,
@@ -900,7 +913,7 @@ def dynamic_loss_scale(
     if (
         not is_traced(init_scale)
         and not is_traced(min_scale)
-        and (float(np.asarray(init_scale)) < float(np.asarray(min_scale)))
+        and float(np.asarray(init_scale).reshape(())) < float(np.asarray(min_scale).reshape(()))
     ):
         raise ValueError(f"init_scale must be >= min_scale={min_scale!r}, got {init_scale!r}")
     check_int("growth_interval", growth_interval, lower=1)
@@ -916,7 +929,7 @@ def dynamic_loss_scale(
 
     def init_fn(params: Any) -> DynamicLossScaleState:
         return DynamicLossScaleState(
-            loss_scale=jnp.asarray(init_scale, jnp.float32),
+            loss_scale=resolve(init_scale, zero_count()),
             growth_tracker=zero_count(),
             hysteresis_left=jnp.asarray(hysteresis, jnp.int32),
             **_initial_counters(),
@@ -942,10 +955,12 @@ def dynamic_loss_scale(
         clean = ~outcome.skipped
         tracker = state.growth_tracker + 1
         grow = clean & (tracker >= growth_interval)
-        grown = scale * jnp.float32(growth_factor)
+        grown = scale * resolve(growth_factor, state.growth_tracker)
         hysteresis_left = jnp.maximum(state.hysteresis_left - 1, 0)
         backoff = overflow & (hysteresis_left == 0)
-        backed_off = jnp.maximum(scale * jnp.float32(backoff_factor), jnp.float32(min_scale))
+        backed_off = jnp.maximum(
+            scale * resolve(backoff_factor, tracker), resolve(min_scale, tracker)
+        )
         new_scale = jnp.where(
             backoff, backed_off, jnp.where(grow & jnp.isfinite(grown), grown, scale)
         )

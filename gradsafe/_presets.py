@@ -83,9 +83,10 @@ def _options(name: str, value: Any, first_arg: str | None = None) -> dict[str, A
     if isinstance(value, Mapping):
         return dict(value)
     if first_arg is not None and _is_number(value):
-        # checked here so that an error names the argument the caller wrote; a tracer (under
-        # inject_hyperparams + jit) is kept as given and taken as a scalar downstream
-        check_scalar(name, value)
+        # checked here so that an error names the argument the caller wrote (and the guard's
+        # argument it sets); a tracer (under inject_hyperparams + jit) is kept as given and
+        # taken as a scalar downstream
+        check_scalar(f"{name} (its {first_arg})", value)
         return {first_arg: value if is_traced(value) else float(np.asarray(value).reshape(()))}
     allowed = ["None", "False", "True"]
     allowed += ["'dynamic'"] if dynamic else []

@@ -40,6 +40,17 @@ SLOW_TESTS = frozenset(
         "test_clipping.py::test_agc_matches_optax",
         "test_clipping.py::test_value_property",
         "test_regularization.py::test_add_l2_equals_grad_of_penalty_and_optax",
+        # the cross-cutting checks of every transform: each compiles every factory several
+        # times (minutes of compilation on 2 cores); CI runs them in its slow step
+        "test_failclosed.py",
+        "test_transform_matrix.py",
+        "test_multiprocess.py",
+        "test_numerics.py::test_packed_global_norm_equals_the_per_leaf_one",
+        "test_split_clip.py::test_property_default_cap_keeps_the_residual_within_ratio_times_bound",
+        "test_split_clip.py::test_property_update_within_bound_and_mass_conserved_without_caps",
+        "test_skip_on_spike.py::test_property_spike_refusals_in_a_row_never_exceed_the_bound",
+        "test_adaptive_sharding.py::test_shard_map_every_device_takes_the_same_decision",
+        "test_overflow.py::test_clip_by_global_norm_obeys_its_bound_for_every_finite_input",
     }
 )
 

@@ -175,8 +175,14 @@ MATRIX: dict[str, Entry] = {
         gs.skip_on_spike,
         fixed=lambda: {"inner": _sgd()},
         floats={"sigma": 3.0},
-        ints={"window": 4, "min_history": 2},
-        bad={"sigma": POSITIVE, "window": [1, 1.5], "min_history": [1, 5], "watch": [("grad",)]},
+        ints={"window": 4, "min_history": 2, "max_consecutive_skips": 2},
+        bad={
+            "sigma": POSITIVE,
+            "window": [1, 1.5],
+            "min_history": [1, 5],
+            "max_consecutive_skips": [0, 1.5],
+            "watch": [("grad",)],
+        },
     ),
     "spike_clip": Entry(
         gs.spike_clip,
@@ -197,11 +203,13 @@ MATRIX: dict[str, Entry] = {
     "split_clip": Entry(
         gs.split_clip,
         fixed=lambda: {"clipper": gs.clip_by_global_norm(1.0)},
-        floats={"residual_decay": 0.9, "max_residual_norm": 5.0},
+        floats={"residual_decay": 0.9, "max_residual_ratio": 2.0, "max_residual_norm": 5.0},
         bad={
             "residual_decay": [-0.1, 1.5, NAN],
+            "max_residual_ratio": NEGATIVE,
             "max_residual_norm": NEGATIVE,
             "clipper": ["clip"],
+            "release": ["never"],
         },
     ),
     "split_magnitude": Entry(
