@@ -36,6 +36,7 @@ from gradsafe._numerics import (
     ScalarOrSchedule,
     abs_sq,
     accumulation_dtype,
+    as_float32,
     float_leaves,
     global_norm,
     is_float_leaf,
@@ -45,13 +46,13 @@ from gradsafe._numerics import (
     magnitude,
     map_float_leaves,
     nonnegative,
-    norm_of_norms,
     reduce_across_devices,
     resolve,
     safe_increment,
     safe_sqrt,
     scale_leaf,
     scale_tree,
+    tree_accumulation_dtype,
     zero_count,
 )
 from gradsafe._numerics import (
@@ -250,7 +251,10 @@ def zclip(
         eps_ = resolve(eps, count)
         warmup = jnp.maximum(jnp.asarray(warmup_steps, jnp.int32), 1)
 
-        norm = global_norm(updates, axis_name=axis_name).astype(_F32)
+        # The scale comes from the norm in its accumulation dtype; the statistics keep it in
+        # float32, saturated (a finite float64 norm may exceed the float32 range).
+        wide = global_norm(updates, axis_name=axis_name)
+        norm = as_float32(wide)
         finite = jnp.isfinite(norm)
         x = jax.lax.stop_gradient(norm)
         warming = state.samples < warmup
@@ -283,10 +287,10 @@ def zclip(
         threshold = jnp.where(warming, cap, jnp.minimum(jnp.where(spike, adaptive, _INF), cap))
         threshold = jax.lax.stop_gradient(threshold)
         if max_norm is None:
-            warm_scale = jnp.ones([], _F32)
+            warm_scale = jnp.ones([], wide.dtype)
         else:  # torch's clip_grad_norm_ factor, also applied just below the cap
-            warm_scale = clip_to(norm, threshold, eps=TORCH_NORM_EPS, always=True)
-        scale = jnp.where(warming, warm_scale, clip_to(norm, threshold, eps=TORCH_NORM_EPS))
+            warm_scale = clip_to(wide, threshold, eps=TORCH_NORM_EPS, always=True)
+        scale = jnp.where(warming, warm_scale, clip_to(wide, threshold, eps=TORCH_NORM_EPS))
         clipped = finite & (x > threshold)
         new_state = ZClipState(
             count=safe_increment(count),
@@ -295,7 +299,7 @@ def zclip(
             var=moments.var,
             norm=x,
             threshold=threshold,
-            scale=jax.lax.stop_gradient(scale),
+            scale=jax.lax.stop_gradient(scale).astype(_F32),
             clipped=clipped,
             spike=spike,
             zscore=jnp.where(warming, 0.0, z),
@@ -494,7 +498,8 @@ def autoclip(
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         q = resolve(percentile, state.count) / 100.0
-        norm = global_norm(updates, axis_name=axis_name).astype(_F32)
+        wide = global_norm(updates, axis_name=axis_name)  # the scale's norm (see zclip)
+        norm = as_float32(wide)
         finite = jnp.isfinite(norm)
         x = jax.lax.stop_gradient(norm)
         samples = jnp.where(finite, safe_increment(state.samples), state.samples)
@@ -516,7 +521,7 @@ def autoclip(
             positions = jnp.where(finite, positions, state.positions)
             threshold = _p2_estimate(history, samples, q)
         threshold = jax.lax.stop_gradient(threshold)
-        scale = clip_to(norm, threshold, eps=TORCH_NORM_EPS, always=True)
+        scale = clip_to(wide, threshold, eps=TORCH_NORM_EPS, always=True)
         new_state = AutoClipState(
             count=safe_increment(state.count),
             samples=samples,
@@ -524,7 +529,7 @@ def autoclip(
             positions=positions,
             norm=x,
             threshold=threshold,
-            scale=jax.lax.stop_gradient(scale),
+            scale=jax.lax.stop_gradient(scale).astype(_F32),
             clipped=finite & (x > threshold),
         )
         return scale_tree(updates, scale), new_state
@@ -666,28 +671,36 @@ def adagc(
                     f"initialised for {state.gamma.shape[0]}; pass updates with the tree "
                     "given to init"
                 )
+            # Scales come from the norms in their accumulation dtype; the statistics keep them
+            # in float32, saturated (a finite float64 norm may exceed the float32 range).
+            dtype = tree_accumulation_dtype(leaves)
             leaf_list = leaf_norms_of(leaves, 2, axis_name=axis_name)
-            norms = jnp.stack([n.astype(_F32) for n in leaf_list]) if leaves else jnp.zeros([0])
-            total = norm_of_norms(leaf_list)
+            wide_norms = (
+                jnp.stack([n.astype(dtype) for n in leaf_list]) if leaves else jnp.zeros([0])
+            )
+            wide_total = leaf_norm(wide_norms)
         else:
-            total = global_norm(updates, axis_name=axis_name).astype(_F32)
-            norms = total
+            wide_total = global_norm(updates, axis_name=axis_name)
+            wide_norms = wide_total
+        total = as_float32(wide_total)
+        norms = as_float32(wide_norms)
         n = jax.lax.stop_gradient(norms)
         finite = jnp.isfinite(n)
         total_finite = jnp.isfinite(total)
 
         # Warm-up: global clip, gamma = smallest post-clip norm.
         cap = nonnegative(cap)
-        warm_scale = clip_to(jax.lax.stop_gradient(total), cap, eps=eps_, always=True)
+        warm_scale = clip_to(jax.lax.stop_gradient(wide_total), cap, eps=eps_, always=True)
         warm_clip = (warm_scale < 1) & total_finite
-        post = jnp.minimum(n, cap) if scope == "global" else n * warm_scale
+        wide_n = jax.lax.stop_gradient(wide_norms)
+        post = jnp.minimum(n, cap) if scope == "global" else as_float32(wide_n * warm_scale)
         warm_gamma = jnp.where(finite, jnp.minimum(state.gamma, post), state.gamma)
 
         # Adaptive phase.
         previous = jnp.where(jnp.isinf(state.gamma), n, state.gamma)
         bound = nonnegative(ratio * previous)
         clip = (n > bound) & finite
-        adaptive_scale = clip_to(n, bound, eps=eps_)
+        adaptive_scale = clip_to(wide_n, bound, eps=eps_)
         effective = jnp.where(clip, bound, n)
         ema = previous * decay + effective * _one_minus(beta, count)
         adaptive_gamma = jnp.where(finite, jnp.minimum(ema, largest(_F32)), state.gamma)
@@ -709,7 +722,7 @@ def adagc(
             gamma=jnp.where(warming, warm_gamma, adaptive_gamma),
             norm=jax.lax.stop_gradient(total),
             threshold=threshold,
-            scale=jax.lax.stop_gradient(smallest),
+            scale=jax.lax.stop_gradient(smallest).astype(_F32),
             clipped=clipped_any,
         )
         return updates, new_state

@@ -21,6 +21,7 @@ from gradsafe._metrics import register_stats
 from gradsafe._numerics import (
     AxisName,
     ScalarOrSchedule,
+    as_float32,
     global_norm,
     nonnegative,
     resolve,
@@ -236,7 +237,8 @@ def cooldown_on_spike(
         low = jnp.minimum(nonnegative(resolve(factor, state.count)), 1.0)
         weight = jnp.asarray(alpha, jnp.float32)
         ramp = jnp.asarray(recovery_steps, jnp.float32)
-        norm = global_norm(updates, axis_name=axis_name).astype(jnp.float32)
+        # Saturated, not Inf, when a finite float64 norm exceeds the float32 range.
+        norm = as_float32(global_norm(updates, axis_name=axis_name))
         finite = jnp.isfinite(norm)
         warm = state.samples >= jnp.asarray(warmup_steps, jnp.int32)
 

@@ -484,13 +484,32 @@ def leaf_norm(
     return leaf_norms_of([x], norm_type, axis=axis, keepdims=keepdims, axis_name=axis_name)[0]
 
 
+def as_float32(norm: jax.Array) -> jax.Array:
+    """A norm (or any non-negative statistic) in float32, saturating instead of overflowing.
+
+    A float64 norm of a finite gradient may exceed the largest float32 (entries near 1.8e308
+    under x64); a plain cast would turn it into Inf, and a clipper would then take the finite
+    gradient for a non-finite one and pass it through unclipped. Finite values above the
+    float32 range become the largest float32; NaN and Inf stay NaN and Inf.
+    """
+    norm = jnp.asarray(norm)
+    if norm.dtype == jnp.dtype(jnp.float32):
+        return norm
+    wide = norm.astype(accumulation_dtype(norm.dtype))
+    top = largest(jnp.float32).astype(wide.dtype)
+    return jnp.where(jnp.isfinite(wide), jnp.clip(wide, -top, top), wide).astype(jnp.float32)
+
+
 def norm_of_norms(norms: Sequence[jax.Array]) -> jax.Array:
     """The L2 norm of all entries of ``norms`` together (the global norm from per-leaf or
-    per-unit L2 norms), in float32. Overflow-safe as :func:`global_norm`; 0 for an empty list.
+    per-unit L2 norms), in float32. Overflow-safe as :func:`global_norm`: computed in the
+    widest dtype of ``norms`` and saturated at the largest float32 (:func:`as_float32`), so a
+    finite input never gives Inf; 0 for an empty list.
     """
     if not norms:
         return jnp.zeros([], jnp.float32)
-    return leaf_norm(jnp.concatenate([jnp.ravel(n).astype(jnp.float32) for n in norms]))
+    dtype = tree_accumulation_dtype(list(norms))
+    return as_float32(leaf_norm(jnp.concatenate([jnp.ravel(n).astype(dtype) for n in norms])))
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from gradsafe._metrics import register_stats
 from gradsafe._numerics import (
     AxisName,
     ScalarOrSchedule,
+    as_float32,
     clip_scale,
     compute_dtype,
     global_norm,
@@ -48,6 +49,7 @@ from gradsafe._numerics import (
     safe_sqrt,
     scale_leaf,
     scale_tree,
+    tree_accumulation_dtype,
     zero_count,
 )
 from gradsafe._paths import path_str
@@ -116,11 +118,16 @@ _RELEASES = ("room", "always")
 
 def _fit_scale(tree: Any, peak: jax.Array, cap: jax.Array, axis_name: AxisName) -> jax.Array:
     """The factor that brings the global norm of ``tree`` (finite entries, largest magnitude
-    ``peak``) down to ``cap``, computed on ``tree / peak`` so that it holds where the sum of
-    squares overflows float32 (the norm itself may be Inf there)."""
-    unit = jnp.where(peak > 0, peak, 1).astype(jnp.float32)
-    norm = global_norm(scale_tree(tree, 1 / unit), axis_name=axis_name).astype(jnp.float32)
-    return clip_scale(norm, cap / unit)
+    ``peak``) down to ``cap``, computed on ``tree / peak`` so that it is exact where the true
+    norm exceeds the largest float (:func:`global_norm` saturates there). Computed in the
+    accumulation dtype of ``tree`` (float64 under x64), dividing twice by ``sqrt(peak)``:
+    ``1 / peak`` is subnormal for ``peak`` near the largest float."""
+    dtype = tree_accumulation_dtype(tree)
+    peak = peak.astype(dtype)
+    root = jnp.sqrt(jnp.where(peak > 0, peak, 1))
+    rescaled = scale_tree(scale_tree(tree, 1 / root), 1 / root)
+    norm = global_norm(rescaled, axis_name=axis_name).astype(dtype)
+    return clip_scale(norm, cap.astype(dtype) / root / root)
 
 
 def split_clip(
@@ -241,12 +248,11 @@ def split_clip(
 
     def update_fn(updates, state, params=None, **extra_args):
         decay = resolve(residual_decay, state.count)
-        norm = global_norm(updates, axis_name=axis_name).astype(jnp.float32)
-        # Finite entries, not a finite norm: a huge finite gradient must still be clipped. A
-        # NaN entry makes the summed norm NaN on every device; an Inf norm is an overflow
-        # exactly when the largest magnitude is finite.
-        peak = global_norm(updates, math.inf, axis_name=axis_name).astype(jnp.float32)
-        finite = jnp.isfinite(norm) | ((norm == jnp.inf) & jnp.isfinite(peak))
+        # Norms are finite for finite entries (saturated at the largest float32 for a float64
+        # norm beyond its range); a NaN or Inf entry makes them NaN or Inf on every device.
+        norm = as_float32(global_norm(updates, axis_name=axis_name))
+        peak = as_float32(global_norm(updates, math.inf, axis_name=axis_name))
+        finite = jnp.isfinite(norm) & jnp.isfinite(peak)
 
         def decayed(g: Any, r: Any) -> Any:
             return scale_leaf(r, decay) if is_float_leaf(g) else r
@@ -257,14 +263,15 @@ def split_clip(
         )
         seen = updates if release == "room" else combined
         clipped, clip_state = inner.update(seen, state.clip_state, params, **extra_args)
-        out_norm = global_norm(clipped, axis_name=axis_name).astype(jnp.float32)
+        out_norm = as_float32(global_norm(clipped, axis_name=axis_name))
         seen_norm = norm if release == "room" else global_norm(seen, axis_name=axis_name)
-        did_clip = finite & (out_norm < seen_norm.astype(jnp.float32))
+        seen_norm = as_float32(seen_norm)
+        did_clip = finite & (out_norm < seen_norm)
         bound = jnp.where(did_clip, out_norm, state.bound)
         if release == "room":
             carried_peak = global_norm(carried, math.inf, axis_name=axis_name)
             room = jnp.maximum(bound - out_norm, 0)
-            share = _fit_scale(carried, carried_peak.astype(jnp.float32), room, axis_name)
+            share = _fit_scale(carried, carried_peak, room, axis_name)
             clipped = jax.tree.map(
                 lambda u, c: u.astype(c.dtype) + scale_leaf(c, share) if is_float_leaf(u) else u,
                 clipped,
@@ -290,10 +297,8 @@ def split_clip(
         if caps:
             cap = functools.reduce(jnp.minimum, caps).astype(jnp.float32)
             residual_peak = global_norm(residual, math.inf, axis_name=axis_name)
-            residual = scale_tree(
-                residual, _fit_scale(residual, residual_peak.astype(jnp.float32), cap, axis_name)
-            )
-        residual_norm = global_norm(residual, axis_name=axis_name).astype(jnp.float32)
+            residual = scale_tree(residual, _fit_scale(residual, residual_peak, cap, axis_name))
+        residual_norm = as_float32(global_norm(residual, axis_name=axis_name))
         new_state = SplitClipState(
             count=safe_increment(state.count),
             norm=norm,
@@ -336,7 +341,8 @@ class SplitMagnitudeState(NamedTuple):
         non-finite gradient).
       mu: per tensor, the EMA :math:`a` of its norm (float32 scalar; ``MaskedNode`` for
         non-float leaves).
-      nu: per tensor, the EMA :math:`b` of its squared norm.
+      nu: per tensor, :math:`\\sqrt{b}`, the square root of the EMA of its squared norm (kept
+        as a root so that it cannot overflow float32, see :func:`split_magnitude`).
       ema_count: per tensor, how many times its EMAs were updated (int32): the exponent of
         its bias correction.
     """
@@ -347,6 +353,37 @@ class SplitMagnitudeState(NamedTuple):
     mu: Any
     nu: Any
     ema_count: Any
+
+
+def _rescale(g: jax.Array, n: jax.Array, target: jax.Array, ok: jax.Array) -> jax.Array:
+    """``g / n * target`` where ``ok`` (else ``g``), in :func:`compute_dtype`, cast back.
+
+    ``g / n`` is taken first, dividing twice by ``sqrt(n)`` (with a barrier between): the
+    factor ``target / n`` would be subnormal (flushed to zero) for a norm near the largest
+    float, although the result is a unit-sized tensor.
+    """
+    dtype = compute_dtype(g.dtype)
+    real = jnp.finfo(dtype).dtype
+    root = jnp.sqrt(jnp.where(ok, n, 1).astype(real))
+    direction = jax.lax.optimization_barrier(g.astype(dtype) / root) / root
+    return jnp.where(ok, (direction * target.astype(real)).astype(g.dtype), g)
+
+
+def _root_ema(root: jax.Array, n: jax.Array, rate: jax.Array) -> jax.Array:
+    """``sqrt(root^2 + rate * (n^2 - root^2))`` for ``root, n >= 0`` without forming a square.
+
+    Computed as ``m * sqrt((1 - rate) (root/m)^2 + rate (n/m)^2)``, ``m = max(root, n)``: it
+    cannot exceed ``m``. Divided twice by ``sqrt(m)`` (with a barrier between), since ``1 / m``
+    is subnormal (flushed to zero) for ``m`` above 8.5e37 in float32.
+    """
+    m = jnp.maximum(root, n)
+    unit = jnp.sqrt(jnp.where(m > 0, m, 1))
+
+    def rescaled(x: jax.Array) -> jax.Array:
+        return jax.lax.optimization_barrier(x / unit) / unit
+
+    mean = (1 - rate) * jnp.square(rescaled(root)) + rate * jnp.square(rescaled(n))
+    return m * safe_sqrt(mean)
 
 
 def split_magnitude(
@@ -377,6 +414,12 @@ def split_magnitude(
     through unchanged (so a guard can see it) and leaves its EMAs alone. The EMAs are float32
     whatever the gradient's dtype; every leaf keeps its dtype. Integer, bool, ``None`` and
     ``MaskedNode`` leaves pass through.
+
+    Overflow: :math:`b` is stored as its square root :math:`r = \\sqrt{b}` and advanced as
+    :math:`r \\leftarrow m \\sqrt{\\gamma_2 (r/m)^2 + (1-\\gamma_2)(n/m)^2}` with
+    :math:`m = \\max(r, n)`: the same :math:`b` (up to rounding), but no square is ever formed,
+    so a finite norm up to the largest float32 (a float64 norm beyond it saturates there) keeps
+    every EMA finite and the output within the target norm.
 
     Place it before the optimizer: ``optax.chain(gs.split_magnitude(), optax.adam(lr))`` is the
     AdaGN part of Stable-SPAM (which also uses AdaClip and momentum resets).
@@ -453,30 +496,33 @@ def split_magnitude(
         def adagn(g: Any, a: Any, b: Any, k: Any) -> Any:
             if not is_float_leaf(g):
                 return _Leaves((g, a, b, k))
-            n = next(leaf_norms).astype(jnp.float32)
+            wide = next(leaf_norms)
+            n = as_float32(wide)
             ok = jnp.logical_and(n > 0, jnp.isfinite(n))
             new_k = jnp.where(ok, safe_increment(k), k)
             new_a = jnp.where(ok, a + rate1 * (n - a), a)
-            # n^2 saturates: a finite norm above 1.8e19 must not make b Inf for good.
-            square = jnp.minimum(jnp.square(n), largest(jnp.float32))
-            new_b = jnp.where(ok, b + rate2 * (square - b), b)
+            # b is kept as its root r (state.nu): r^2 + rate2 * (n^2 - r^2) computed on r / m
+            # and n / m, m = max(r, n), so that no square overflows for a norm above 1.8e19.
+            new_root = jnp.where(ok, _root_ema(b, n, rate2), b)
             exponent = (global_count if shared_count else new_k).astype(jnp.float32)
             # Guarded denominators: 1 - gamma^0 = 0 before a tensor's first update.
             a_hat = safe_ratio(new_a, -jnp.expm1(exponent * log1), ok)
             # sqrt(b_hat) as sqrt(b) / sqrt(1 - gamma2^k): b_hat itself may overflow.
-            root_b_hat = safe_ratio(safe_sqrt(new_b), safe_sqrt(-jnp.expm1(exponent * log2)), ok)
-            # The barrier keeps XLA from rewriting (a / b) / n as a / (b * n), which
-            # overflows for a norm above ~1e19.
+            root_b_hat = safe_ratio(new_root, safe_sqrt(-jnp.expm1(exponent * log2)), ok)
+            # Averages of norms up to the largest float32: rounding must not make them Inf.
+            a_hat = jnp.minimum(a_hat, largest(jnp.float32))
+            root_b_hat = jnp.minimum(root_b_hat, largest(jnp.float32))
+            # The barrier keeps XLA from fusing the target into the rescale below (e.g.
+            # (a / b) / n rewritten as a / (b * n), which overflows for a norm above ~1e19).
             target = jax.lax.optimization_barrier(a_hat / (root_b_hat + epsilon))
             # A rescale to the target norm, not a clip (it may grow the tensor).
-            scale = safe_ratio(target, n, ok)
-            return _Leaves((scale_leaf(g, scale), new_a, new_b, new_k))
+            return _Leaves((_rescale(g, wide, target, ok), new_a, new_root, new_k))
 
         new_updates, mu, nu, ema_count = _unzip(
             jax.tree.map(adagn, updates, state.mu, state.nu, state.ema_count), 4
         )
-        norm = global_norm(updates, axis_name=axis_name).astype(jnp.float32)
-        out_norm = global_norm(new_updates, axis_name=axis_name).astype(jnp.float32)
+        norm = as_float32(global_norm(updates, axis_name=axis_name))
+        out_norm = as_float32(global_norm(new_updates, axis_name=axis_name))
         ok = jnp.logical_and(norm > 0, jnp.isfinite(norm))
         ratio = safe_ratio(out_norm, norm, ok)
         new_state = SplitMagnitudeState(

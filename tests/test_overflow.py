@@ -112,9 +112,22 @@ def test_clip_by_global_norm_clips_overflowing_gradient(grads, semantics):
 
 
 def test_skip_nonfinite_chain_applies_the_clipped_step():
-    tx = gs.skip_nonfinite(optax.chain(gs.clip_by_global_norm(1.0), optax.sgd(0.1)))
-    out, _ = step(tx, HUGE)
-    np.testing.assert_allclose(np.asarray(out), [-0.1, -1e-21], rtol=1e-5)
+    # By default (check="gradient") the guard decides from the raw gradient and refuses one
+    # whose squared norm overflows float32 (fail-closed: an optimizer's g * g would overflow),
+    # even though the chain would clip it; check="full" judges the chain's output instead.
+    inner = optax.chain(gs.clip_by_global_norm(1.0), optax.sgd(0.1))
+    params = jnp.zeros(2, jnp.float32)
+
+    out, state = step(gs.skip_nonfinite(inner), HUGE, params=params)
+    np.testing.assert_array_equal(optax.apply_updates(params, out), params)
+    assert bool(state.skipped) and gs.SKIP_REASONS[int(state.reason)] == "gradient_overflow"
+    assert np.all(np.isfinite(np.asarray(out)))
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state))
+
+    out, state = step(gs.skip_nonfinite(inner, check="full"), HUGE, params=params)
+    assert not bool(state.skipped) and gs.SKIP_REASONS[int(state.reason)] == "accepted"
+    new_params = optax.apply_updates(params, out)
+    np.testing.assert_allclose(np.asarray(new_params), [-0.1, -1e-21], rtol=1e-5)
 
 
 def test_clip_by_leaf_norm_clips_overflowing_leaf():
