@@ -33,7 +33,6 @@ SLOW_TESTS = frozenset(
         "test_clipping.py::test_leaf_norm_property",
         "test_clipping.py::test_block_rms_property",
         "test_clipping.py::test_agc_property",
-        "test_clipping.py::test_jit_equals_eager",
         "test_numerics.py::test_global_norm_matches_numpy",
         "test_numerics.py::test_packed_global_norm_equals_the_per_leaf_one[1.0]",
         "test_clipping.py::test_global_norm_bounds_direction_idempotence",

@@ -288,14 +288,6 @@ def test_bad_arguments_raise_value_error_naming_them(name, make):
 
 
 @pytest.mark.parametrize("name", TRANSFORMS)
-def test_empty_tree(name):
-    tx = TRANSFORMS[name]()
-    for tree in ({}, None, ()):
-        updates, _ = jax.jit(tx.update)(tree, tx.init(tree))
-        assert jax.tree.leaves(updates) == []
-
-
-@pytest.mark.parametrize("name", TRANSFORMS)
 def test_int_none_and_low_precision_leaves(name):
     tree = {
         "i": jnp.arange(2),
@@ -331,18 +323,6 @@ def test_nonfinite_passes_through_and_later_steps_recover(name):
 
 
 @pytest.mark.parametrize("name", TRANSFORMS)
-def test_jit_matches_eager_and_state_is_stable(name):
-    grads = scalar_grads([1.0, 1.1, 0.9, 40.0, 1.0, 1.0])
-    eager, eager_states = run_steps(TRANSFORMS[name](), grads, jit=False)
-    jitted, jit_states = run_steps(TRANSFORMS[name](), grads, jit=True)
-    for a, b in zip(eager + eager_states, jitted + jit_states, strict=True):
-        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), a, b)
-    tx = TRANSFORMS[name]()
-    avals = lambda s: jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), s)
-    assert avals(tx.init(grads[0])) == avals(jit_states[-1])
-
-
-@pytest.mark.parametrize("name", TRANSFORMS)
 def test_checkpoint_round_trip_mid_run_continues_identically(name):
     grads = scalar_grads([1.0, 1.1, 0.9, 40.0, 1.0, 1.0, 3.0])
     tx = TRANSFORMS[name]()
@@ -356,15 +336,6 @@ def test_checkpoint_round_trip_mid_run_continues_identically(name):
         b, restored = update(g, restored)
         assert_trees_equal(a, b)
     assert_trees_equal(state, restored)
-
-
-@pytest.mark.parametrize("name", TRANSFORMS)
-def test_grad_through_update_is_finite_at_zero(name):
-    tx = TRANSFORMS[name]()
-    zeros = {"w": jnp.zeros(3)}
-    state = tx.init(zeros)
-    grads = jax.grad(lambda g: jnp.sum(tx.update(g, state)[0]["w"]))(zeros)
-    assert bool(jnp.all(jnp.isfinite(grads["w"])))
 
 
 def test_cooldown_under_inject_hyperparams():

@@ -208,19 +208,6 @@ def test_passthrough_leaves_and_dtypes():
     np.testing.assert_array_equal(updates["i"], [0, 0, 0])
 
 
-def test_empty_tree():
-    tx = gs.skip_nonfinite(optax.sgd(1.0))
-    updates, state = tx.update({}, tx.init({}))
-    assert updates == {} and not bool(state.skipped)
-
-
-def test_grad_through_update_is_finite_at_zero():
-    tx = gs.skip_nonfinite(optax.sgd(1.0))
-    state = tx.init(jnp.zeros(3))
-    grad = jax.grad(lambda g: jnp.sum(tx.update(g, state)[0]))(jnp.zeros(3))
-    np.testing.assert_array_equal(grad, [-1.0, -1.0, -1.0])
-
-
 def test_metrics_report_the_guard():
     tx = gs.skip_nonfinite(optax.chain(gs.clip_by_global_norm(1.0), optax.sgd(1.0)))
     state = tx.init(jnp.zeros(2))
@@ -229,20 +216,6 @@ def test_metrics_report_the_guard():
     assert bool(m["skip_nonfinite/skipped"]) and int(m["skip_nonfinite/total_skips"]) == 1
     assert int(m["skip_nonfinite/reason"]) == REASON["nonfinite_gradient"]
     assert "clip_by_global_norm/norm" in m  # found inside inner_state
-
-
-def test_jit_matches_eager():
-    tx = gs.skip_on_spike(adam(0.1), window=4, min_history=2)
-    params = adam_params()
-    s_eager = s_jit = tx.init(params)
-    for i, loss in enumerate([1.0, 1.1, 0.9, 50.0, 1.0, jnp.nan]):
-        grads = grads_like(params, 0.1 * (i + 1))
-        u_eager, s_eager = tx.update(grads, s_eager, params, value=jnp.array(loss))
-        u_jit, s_jit = jax.jit(tx.update)(grads, s_jit, params, value=jnp.array(loss))
-        close = functools.partial(np.testing.assert_allclose, rtol=1e-6)
-        jax.tree.map(close, u_eager, u_jit)
-        jax.tree.map(close, s_eager, s_jit)
-        assert int(s_eager.reason) == int(s_jit.reason)
 
 
 def test_extra_args_reach_a_plain_inner_transform():

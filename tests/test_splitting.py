@@ -595,14 +595,6 @@ def test_bad_arguments_raise_value_error_naming_them(name, make):
 
 
 @pytest.mark.parametrize("name", TRANSFORMS)
-def test_empty_tree(name):
-    tx = TRANSFORMS[name]()
-    for tree in ({}, None, ()):
-        updates, _ = jax.jit(tx.update)(tree, tx.init(tree))
-        assert updates == tree or jax.tree.leaves(updates) == []
-
-
-@pytest.mark.parametrize("name", TRANSFORMS)
 def test_int_and_none_leaves_pass_through(name):
     tree = {"w": jnp.ones(3), "b": jnp.arange(2), "n": None, "m": jnp.array([True])}
     outputs, _ = run_steps(TRANSFORMS[name](), [tree, tree])
@@ -646,16 +638,6 @@ def test_nonfinite_gradient_passes_through_and_does_not_poison_later_steps(name,
 
 
 @pytest.mark.parametrize("name", TRANSFORMS)
-def test_jit_matches_eager(name):
-    grads = random_grads(9, 5, SHAPES, scale=3.0)
-    eager, eager_state = run_steps(TRANSFORMS[name](), grads, jit=False)
-    jitted, jit_state = run_steps(TRANSFORMS[name](), grads, jit=True)
-    for a, b in zip(eager, jitted, strict=True):
-        assert_trees_close(a, b, rtol=1e-6, atol=1e-7)
-    assert_trees_close(eager_state, jit_state, rtol=1e-6, atol=1e-7)
-
-
-@pytest.mark.parametrize("name", TRANSFORMS)
 def test_state_structure_and_dtypes_are_stable(name):
     grads = random_grads(10, 2, SHAPES)
     tx = TRANSFORMS[name]()
@@ -687,20 +669,6 @@ def test_checkpoint_round_trip_mid_run_continues_identically(name):
         b, restored = update(g, restored, g)
         assert_trees_equal(a, b)
     assert_trees_equal(state, restored)
-
-
-@pytest.mark.parametrize("name", TRANSFORMS)
-def test_grad_through_update_is_finite_at_zero(name):
-    tx = TRANSFORMS[name]()
-    zeros = {"w": jnp.zeros((3, 4)), "b": jnp.zeros(4)}
-    state = tx.init(zeros)
-
-    def loss(g):
-        updates, _ = tx.update(g, state, zeros)
-        return sum(jnp.sum(x) for x in jax.tree.leaves(updates))
-
-    grads = jax.jit(jax.grad(loss))(zeros)
-    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(grads))
 
 
 def test_inject_hyperparams_with_numeric_hyperparameters():
