@@ -235,12 +235,12 @@ def cooldown_on_spike(
         threshold = resolve(z_thresh, state.count)
         # A traced factor out of [0, 1] must not reverse or amplify the updates.
         low = jnp.minimum(nonnegative(resolve(factor, state.count)), 1.0)
-        weight = jnp.asarray(alpha, jnp.float32)
-        ramp = jnp.asarray(recovery_steps, jnp.float32)
+        weight = resolve(alpha, state.count)
+        ramp = resolve(recovery_steps, state.count)
         # Saturated, not Inf, when a finite float64 norm exceeds the float32 range.
         norm = as_float32(global_norm(updates, axis_name=axis_name))
         finite = jnp.isfinite(norm)
-        warm = state.samples >= jnp.asarray(warmup_steps, jnp.int32)
+        warm = state.samples >= resolve(warmup_steps, state.count, jnp.int32)
 
         std = safe_sqrt(state.var)
         z = jnp.where(finite & warm, (norm - state.mean) / (std + Z_SCORE_EPS), 0.0)

@@ -324,7 +324,7 @@ def _ema_constants(gamma: Any) -> tuple[jax.Array, jax.Array]:
     ``gamma = 0.99999`` and lose three digits of ``1 - gamma``.
     """
     if is_traced(gamma) or not isinstance(gamma, (int, float)):
-        value = jnp.asarray(gamma, jnp.float32)
+        value = jnp.asarray(gamma, jnp.float32).reshape(())  # a (1,) value is a scalar
         return 1 - value, jnp.log(value)
     log = math.log(gamma) if gamma > 0 else -math.inf
     return jnp.asarray(1 - gamma, jnp.float32), jnp.asarray(log, jnp.float32)
@@ -487,7 +487,7 @@ def split_magnitude(
         del params, extra_args
         rate1, log1 = _ema_constants(gamma1)
         rate2, log2 = _ema_constants(gamma2)
-        epsilon = jnp.asarray(eps, jnp.float32)
+        epsilon = jnp.asarray(eps, jnp.float32).reshape(())
         global_count = safe_increment(state.count)
 
         grads = [g for g in jax.tree.leaves(updates) if is_float_leaf(g)]
