@@ -123,11 +123,11 @@ def _fit_scale(tree: Any, peak: jax.Array, cap: jax.Array, axis_name: AxisName) 
     accumulation dtype of ``tree`` (float64 under x64), dividing twice by ``sqrt(peak)``:
     ``1 / peak`` is subnormal for ``peak`` near the largest float."""
     dtype = tree_accumulation_dtype(tree)
-    peak = peak.astype(dtype)
-    root = jnp.sqrt(jnp.where(peak > 0, peak, 1))
-    rescaled = scale_tree(scale_tree(tree, 1 / root), 1 / root)
+    unit = jnp.where(peak > 0, peak, 1).astype(dtype)
+    # divided, not multiplied by 1 / unit, which is subnormal for a peak near the largest float
+    rescaled = map_float_leaves(lambda x: (x.astype(dtype) / unit).astype(x.dtype), tree)
     norm = global_norm(rescaled, axis_name=axis_name).astype(dtype)
-    return clip_scale(norm, cap.astype(dtype) / root / root)
+    return clip_scale(norm, cap.astype(dtype) / unit)
 
 
 def split_clip(
