@@ -21,6 +21,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx, serialization
+from public_api import NOT_TRANSFORMS, public_factories
 
 import gradsafe as gs
 
@@ -118,18 +119,6 @@ CASES: dict[str, Case] = {
         check=_check_guards,
     ),
     "zclip": Case(lambda: gs.zclip(warmup_steps=2), check=_check_zclip),
-}
-
-# Public callables that are not transform factories (helpers, metrics, masks).
-NOT_TRANSFORMS = {
-    "global_norm",
-    "largest_leaves",
-    "leaf_norms",
-    "loss_scale",
-    "metrics",
-    "path_mask",
-    "skip_reason",
-    "unit_axes",
 }
 
 
@@ -250,18 +239,6 @@ def _node_types(tree: Any) -> set[type]:
     return found
 
 
-def _public_factories() -> set[str]:
-    """Public names whose return annotation is an Optax gradient transformation."""
-    names = set()
-    for name in gs.__all__:
-        obj = getattr(gs, name)
-        if inspect.isfunction(obj):
-            annotation = str(inspect.signature(obj).return_annotation)
-            if "GradientTransformation" in annotation:
-                names.add(name)
-    return names
-
-
 # --------------------------------------------------------------------------------------------
 # Coverage: the case list cannot silently go stale
 # --------------------------------------------------------------------------------------------
@@ -269,7 +246,7 @@ def _public_factories() -> set[str]:
 
 def test_every_public_factory_has_a_checkpoint_case():
     covered = {name.split("[")[0] for name in CASES}
-    factories = _public_factories()
+    factories = public_factories()
     assert factories, "no factory found in gradsafe.__all__"
     missing = sorted(factories - covered)
     assert not missing, f"add a case to tests/test_checkpoints.py CASES for: {missing}"
@@ -283,12 +260,12 @@ def test_every_public_callable_is_classified():
         for name in gs.__all__
         if callable(getattr(gs, name)) and not inspect.isclass(getattr(gs, name))
     }
-    unclassified = sorted(callables - _public_factories() - NOT_TRANSFORMS)
+    unclassified = sorted(callables - public_factories() - NOT_TRANSFORMS)
     assert not unclassified, (
         f"public callables neither in CASES nor in NOT_TRANSFORMS: {unclassified}; a transform "
         "factory must be annotated '-> optax.GradientTransformationExtraArgs'"
     )
-    assert not NOT_TRANSFORMS & _public_factories()
+    assert not NOT_TRANSFORMS & public_factories()
     assert set(gs.__all__) >= NOT_TRANSFORMS, sorted(NOT_TRANSFORMS - set(gs.__all__))
 
 

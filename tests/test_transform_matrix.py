@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from public_api import NOT_TRANSFORMS, public_factories
 
 import gradsafe as gs
 
@@ -245,17 +246,6 @@ MATRIX: dict[str, Entry] = {
     ),
 }
 
-# Public callables that are not transform factories (helpers, metrics, masks).
-NOT_TRANSFORMS = {
-    "global_norm",
-    "largest_leaves",
-    "leaf_norms",
-    "loss_scale",
-    "metrics",
-    "path_mask",
-    "skip_reason",
-    "unit_axes",
-}
 
 STEPS = 3
 SPIKE_STEP = 1  # a 20x gradient and loss, so that adaptive transforms act within three steps
@@ -337,18 +327,6 @@ def assert_same_layout(actual: Any, expected: Any, what: str) -> None:
         assert (jnp.shape(a), jnp.result_type(a)) == (jnp.shape(e), jnp.result_type(e)), what
 
 
-def _public_factories() -> set[str]:
-    """Public names whose return annotation is an Optax gradient transformation."""
-    names = set()
-    for name in gs.__all__:
-        obj = getattr(gs, name)
-        if inspect.isfunction(obj):
-            annotation = str(inspect.signature(obj).return_annotation)
-            if "GradientTransformation" in annotation:
-                names.add(name)
-    return names
-
-
 NAMES = sorted(MATRIX)
 
 # --------------------------------------------------------------------------------------------
@@ -357,7 +335,7 @@ NAMES = sorted(MATRIX)
 
 
 def test_every_public_factory_has_an_entry():
-    factories = _public_factories()
+    factories = public_factories()
     assert factories, "no factory found in gradsafe.__all__"
     missing = sorted(factories - set(MATRIX))
     assert not missing, f"add an entry to tests/test_transform_matrix.py MATRIX for: {missing}"
