@@ -32,6 +32,7 @@ from gradsafe._numerics import (
     float_leaves,
     global_norm,
     is_float_leaf,
+    largest,
     leaf_norms_of,
     map_float_leaves,
     nonnegative,
@@ -535,11 +536,15 @@ def adaptive_grad_clip(
         def clip_leaf(g: Any, skip: Any) -> Any:
             if not is_float_leaf(g):
                 return g
-            g_norm, w_norm = next(g_norms), next(w_norms).astype(ratio.dtype)
+            g_norm, w_norm = next(g_norms), next(w_norms)
             unit_norms.append(g_norm)
             if isinstance(skip, bool) and skip:
                 return g
-            max_norm = (ratio * jnp.maximum(w_norm, floor)).astype(g_norm.dtype)
+            # In the wider of the two norms' dtypes, saturated into the gradient norm's: a
+            # float64 weight norm beyond the float32 range must not become an infinite bound.
+            wide = jnp.promote_types(g_norm.dtype, w_norm.dtype)
+            bound = ratio.astype(wide) * jnp.maximum(w_norm.astype(wide), floor.astype(wide))
+            max_norm = jnp.minimum(bound, largest(g_norm.dtype).astype(wide)).astype(g_norm.dtype)
             scale = clip_factor(g_norm, max_norm, floor=AGC_DIV_EPS)
             scale = jnp.where(jnp.asarray(skip), jnp.ones_like(scale), scale)
             scales.append(scale)

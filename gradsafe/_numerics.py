@@ -276,11 +276,17 @@ def _unscale(norm: jax.Array, peak: jax.Array, rescaled: jax.Array) -> jax.Array
     return jnp.where(jnp.isfinite(peak), exact.astype(norm.dtype), norm)
 
 
+def _smallest_trusted(dtype: Any) -> float:
+    """The smallest norm a plain sum of squares in ``dtype`` gives to within rounding: below
+    it, squares that underflowed (entries below ~1e-19 in float32) may be missing."""
+    finfo = jnp.finfo(dtype)
+    return math.sqrt(float(finfo.tiny)) / float(finfo.eps)
+
+
 def _trustworthy(norm: jax.Array) -> jax.Array:
-    """Whether a cheaply computed norm needs no rescaling: finite, and 0 or large enough
-    that squares which underflowed (entries below ~1e-19 in float32) are lost in rounding."""
-    finfo = jnp.finfo(norm.dtype)
-    small = math.sqrt(float(finfo.tiny)) / float(finfo.eps)
+    """Whether a cheaply computed norm needs no rescaling: finite, and 0 (see
+    :func:`clip_factor`) or at least :func:`_smallest_trusted`."""
+    small = _smallest_trusted(norm.dtype)
     return jnp.all(jnp.isfinite(norm) & ((norm == 0) | (norm >= small)))
 
 
@@ -541,6 +547,7 @@ def clip_factor(
     floor: float = 0.0,
     always: bool = False,
     nonfinite: str = "pass",
+    exact_zero: bool = False,
 ) -> jax.Array:
     """The one clip factor of gradsafe: the scale that brings ``norm`` down to ``threshold``.
 
@@ -554,8 +561,11 @@ def clip_factor(
     ``always=True`` is PyTorch's ``clip_grad_norm_`` factor (also applied at :math:`N = t`).
     Rules shared by every clipper:
 
-    * A threshold met exactly leaves the gradient unchanged (without ``always``); zero norm
-      with zero threshold gives 1, so zeros stay zeros.
+    * A threshold met exactly leaves the gradient unchanged (without ``always``). A zero
+      norm with a threshold below ~1e-12 (float32; ~1e-138 in float64) gives 0: such a norm
+      may be a sum of squares that underflowed, and zeroing keeps the bound either way (a
+      truly zero input stays zero). ``exact_zero=True`` turns this off for norms that cannot
+      underflow (entry magnitudes).
     * ``s`` is always in ``[0, 1]``: a threshold that is negative or NaN (possible when it is
       traced, e.g. under ``optax.inject_hyperparams``) counts as 0, so a bad hyperparameter
       zeroes the update, never reverses or amplifies it.
@@ -572,6 +582,7 @@ def clip_factor(
       floor: the smallest divisor (Optax's AGC uses 1e-6).
       always: apply ``min(1, ...)`` instead of clipping only above the threshold.
       nonfinite: ``"pass"`` or ``"propagate"``, see above.
+      exact_zero: whether a zero ``norm`` is exact (see above).
 
     Returns:
       The factor, in ``norm``'s dtype.
@@ -582,8 +593,14 @@ def clip_factor(
         return jnp.minimum(1, threshold / divisor)
     finite = jnp.isfinite(norm)
     clip = (divisor > threshold) if always else (norm > threshold)
-    clip = finite & clip
-    return safe_ratio(threshold, divisor, clip).astype(norm.dtype)
+    factor = safe_ratio(threshold, divisor, finite & clip)
+    # A zero norm may hide entries whose squares underflowed (below ~1e-19 in float32); with
+    # a threshold that small it cannot tell the bound is met, so the input is zeroed (which
+    # leaves a truly zero gradient as it is).
+    if exact_zero:
+        return factor.astype(norm.dtype)
+    hidden = (norm == 0) & (threshold < _smallest_trusted(norm.dtype))
+    return jnp.where(hidden, 0, factor).astype(norm.dtype)
 
 
 def clip_scale(norm: jax.Array, threshold: jax.Array) -> jax.Array:

@@ -703,7 +703,8 @@ def clip_update_relative(
             size = jnp.abs(u).astype(real)
             bound = nonnegative(r_now) * jnp.abs(w).astype(real) + nonnegative(a_now)
             # An entry whose bound is not finite (a NaN or Inf parameter) imposes none.
-            ratio = clip_factor(size, jnp.where(jnp.isfinite(bound), bound, jnp.inf))
+            limit = jnp.where(jnp.isfinite(bound), bound, jnp.inf)
+            ratio = clip_factor(size, limit, exact_zero=True)
             # min over the entries of all shards: -max(-x), as the device reduction has max
             scale = -reduce_leaf_across_devices(-jnp.min(ratio, initial=1.0), u, axis_name, "max")
             scales.append(scale.astype(jnp.float32))

@@ -149,6 +149,36 @@ def test_adaptive_grad_clip_clips_overflowing_unit():
     assert l2(out) <= 0.1 * math.sqrt(2) * (1 + 1e-6)
 
 
+def test_adaptive_grad_clip_bound_from_a_float64_weight_beyond_float32():
+    """The bound r * ||w|| of a float64 weight of norm 5e306 is finite: it must not become an
+    infinite threshold (a cast to float32) that lets a gradient of norm 1.7e308 through."""
+    with jax.enable_x64(True):
+        grads = jnp.array([-1.42e308, 9.05e307], jnp.float64)
+        params = jnp.array([-3.3e30, -5.39e306], jnp.float64)
+        out, _ = step(gs.adaptive_grad_clip(0.01), grads, params=params)
+        norm = float(np.linalg.norm(np.asarray(out) / 1e300)) * 1e300
+    assert norm <= 0.01 * 5.39e306 * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1e-30])
+def test_a_norm_that_underflows_is_clipped_to_a_tiny_threshold(threshold):
+    """Entries of 1e-22: their float32 squares underflow and the cheap norm is 0. A threshold
+    below that is still obeyed (the gradient is zeroed), never skipped."""
+    grads = jnp.full((3,), 9.43e-23, jnp.float32)
+    out, _ = step(gs.clip_by_global_norm(threshold), grads)
+    assert l2(out) <= threshold
+    out, _ = step(gs.split_clip(gs.clip_by_global_norm(threshold)), grads)
+    assert l2(out) <= threshold
+
+
+def test_clip_update_relative_zero_update_at_zero_parameter_keeps_the_tensor():
+    """An entry of zero update and zero bound (absolute=0 at a zero parameter) is met exactly:
+    it must not zero the other entries of its tensor."""
+    params = jnp.array([0.0, 10.0])
+    out, _ = step(gs.clip_update_relative(0.1, 0.0), jnp.array([0.0, 0.5]), params=params)
+    np.testing.assert_array_equal(out, [0.0, 0.5])
+
+
 def test_zclip_caps_an_overflowing_gradient_in_warmup_and_flags_a_spike_after():
     tx = gs.zclip(warmup_steps=2, max_norm=None)
     _, state = step(tx, jnp.array([0.6, 0.8]))
