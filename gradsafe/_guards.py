@@ -63,6 +63,7 @@ from gradsafe._numerics import (
     check_int,
     check_scalar,
     check_transform,
+    cond,
     float_leaves,
     global_norm,
     is_float_leaf,
@@ -311,7 +312,7 @@ def _guarded_update(
             refined = _as_shape(jnp.where(overflow, GRADIENT_OVERFLOW, reason), shape[2])
             return _zeros_like_shape(shape[0]), old, refined
 
-        out, new_inner, reason = jax.lax.cond(accept, run, refuse)
+        out, new_inner, reason = cond(accept, run, refuse)
         reason = reason.astype(jnp.int32)
     else:
         out, new_inner = inner.update(updates, state.inner_state, params, **extra_args)

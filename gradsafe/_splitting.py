@@ -38,6 +38,7 @@ from gradsafe._numerics import (
     as_float32,
     clip_scale,
     compute_dtype,
+    cond,
     global_norm,
     is_float_leaf,
     largest,
@@ -788,7 +789,7 @@ def accumulate(
                 zeros = jax.tree.map(_keep_non_float, zeros, grads)
             return zeros, inner_state
 
-        new_updates, inner_state = jax.lax.cond(emit, step, wait, mean, state.inner_state)
+        new_updates, inner_state = cond(emit, step, wait, mean, state.inner_state)
         acc = jax.tree.map(lambda a: jnp.where(emit, jnp.zeros_like(a), a), acc)
         new_state = AccumulateState(
             mini_step=safe_increment(state.mini_step) % k,

@@ -8,12 +8,23 @@ them, and CI runs both. Mark a slow test with ``@pytest.mark.slow`` (or a whole 
 simpler than editing the file.
 """
 
+from pathlib import Path
+
 import hypothesis
 import jax
 import pytest
 
+ROOT = Path(__file__).resolve().parent.parent
+
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+# Compiled programs are shared between the test processes and kept for the next run: most of
+# the suite's time is XLA compiling small programs, many of them the same program built by
+# different tests (the cache key is the program itself). Delete the folder to start cold.
+jax.config.update("jax_compilation_cache_dir", str(ROOT / ".pytest_cache" / "jax-compilation"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 hypothesis.settings.register_profile(
     "gradsafe", max_examples=40, deadline=None, derandomize=True, print_blob=True
