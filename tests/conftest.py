@@ -8,6 +8,7 @@ them, and CI runs both. Mark a slow test with ``@pytest.mark.slow`` (or a whole 
 simpler than editing the file.
 """
 
+import os
 from pathlib import Path
 
 import hypothesis
@@ -16,7 +17,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# XLA's cheapest backend level (LLVM without its expensive passes) compiles the suite's
+# thousands of small programs about 10% faster. Read once, when the backend starts: the
+# variable is restored afterwards so that the scripts run by the slow tests compile as usual.
+_flags = os.environ.get("XLA_FLAGS")
+os.environ["XLA_FLAGS"] = f"{_flags or ''} --xla_backend_optimization_level=0".strip()
 jax.config.update("jax_num_cpu_devices", 8)
+jax.devices()
+if _flags is None:
+    del os.environ["XLA_FLAGS"]
+else:
+    os.environ["XLA_FLAGS"] = _flags
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 # Compiled programs are shared between the test processes and kept for the next run: most of
@@ -61,6 +72,15 @@ SLOW_TESTS = frozenset(
         "test_skip_on_spike.py::test_property_spike_refusals_in_a_row_never_exceed_the_bound",
         "test_adaptive_sharding.py::test_shard_map_every_device_takes_the_same_decision",
         "test_overflow.py::test_clip_by_global_norm_obeys_its_bound_for_every_finite_input",
+        # whole training runs and long histories (1-5 s each, 60 s together): the default run
+        # keeps the unit checks of the same behaviour
+        "test_guards_training.py",
+        "test_checkpoints.py::test_resumed_run_matches_uninterrupted_run",
+        "test_checkpoints.py::test_nnx_optimizer_resumes_bit_for_bit_from_orbax",
+        "test_stability_benchmark.py::test_every_method_builds_and_takes_a_step_with_the_loss",
+        "test_adaptive_parity.py::test_p2_accuracy_against_exact_whole_history_percentile",
+        "test_adaptive_parity.py::test_autoclip_p2_matches_published_p2_step_by_step",
+        "test_adaptive_edges.py::test_autoclip_window_is_numpy_percentile_of_the_last_w_norms",
     }
 )
 
