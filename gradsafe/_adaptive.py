@@ -54,6 +54,7 @@ from gradsafe._numerics import (
     scale_tree,
     tree_accumulation_dtype,
     zero_count,
+    zero_scalar,
 )
 from gradsafe._numerics import (
     clip_factor as clip_to,
@@ -225,19 +226,18 @@ def zclip(
 
     def init_fn(params: Any) -> ZClipState:
         del params
-        zero = jnp.zeros([], _F32)
         cap = _INF if max_norm is None else resolve(max_norm, zero_count())
         return ZClipState(
             count=zero_count(),
             samples=zero_count(),
-            mean=zero,
-            var=zero,
-            norm=zero,
+            mean=zero_scalar(),
+            var=zero_scalar(),
+            norm=zero_scalar(),
             threshold=_f32(cap),
             scale=jnp.ones([], _F32),
             clipped=jnp.array(False),
             spike=jnp.array(False),
-            zscore=zero,
+            zscore=zero_scalar(),
             capped=jnp.array(False),
         )
 
@@ -483,13 +483,12 @@ def autoclip(
             history = jnp.zeros([int(np.asarray(window))], _F32)
             # Unused with a window; one entry, not zero, because orbax refuses zero-size arrays.
             positions = jnp.zeros([1], jnp.int32)
-        zero = jnp.zeros([], _F32)
         return AutoClipState(
             count=zero_count(),
             samples=zero_count(),
             history=history,
             positions=positions,
-            norm=zero,
+            norm=zero_scalar(),
             threshold=jnp.asarray(_INF, _F32),
             scale=jnp.ones([], _F32),
             clipped=jnp.array(False),
@@ -645,11 +644,10 @@ def adagc(
 
     def init_fn(params: Any) -> AdaGCState:
         shape = [len(float_leaves(params))] if scope == "leaf" else []
-        zero = jnp.zeros([], _F32)
         return AdaGCState(
             count=zero_count(),
             gamma=jnp.full(shape, _INF, _F32),
-            norm=zero,
+            norm=zero_scalar(),
             threshold=resolve(warmup_max_norm, zero_count()),
             scale=jnp.ones([], _F32),
             clipped=jnp.array(False),
@@ -831,14 +829,13 @@ def spike_clip(
             lambda x: jnp.zeros_like(x, accumulation_dtype(x.dtype)) if is_float_leaf(x) else None,
             params,
         )
-        zero = jnp.zeros([], _F32)
         return SpikeClipState(
             count=zero_count(),
             nu=nu,
-            norm=zero,
+            norm=zero_scalar(),
             threshold=resolve(threshold, zero_count()),
             clipped=jnp.array(False),
-            clipped_fraction=zero,
+            clipped_fraction=zero_scalar(),
         )
 
     def update_fn(updates, state, params=None, **extra_args):

@@ -29,6 +29,7 @@ from gradsafe._numerics import (
     safe_sqrt,
     scale_tree,
     zero_count,
+    zero_scalar,
 )
 from gradsafe._stats import Moments, running_moments
 
@@ -216,17 +217,16 @@ def cooldown_on_spike(
 
     def init_fn(params: Any) -> CooldownOnSpikeState:
         del params
-        zero = jnp.zeros([], jnp.float32)
         return CooldownOnSpikeState(
             count=zero_count(),
-            norm=zero,
-            z=zero,
+            norm=zero_scalar(),
+            z=zero_scalar(),
             scale=jnp.ones([], jnp.float32),
             spike=jnp.array(False),
             spikes=zero_count(),
             steps_since_spike=jnp.asarray(NEVER, jnp.int32),
-            mean=zero,
-            var=zero,
+            mean=zero_scalar(),
+            var=zero_scalar(),
             samples=zero_count(),
         )
 

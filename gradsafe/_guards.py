@@ -76,6 +76,7 @@ from gradsafe._numerics import (
     safe_increment,
     tree_accumulation_dtype,
     zero_count,
+    zero_scalar,
 )
 
 #: Why a guard refused a step: ``SKIP_REASONS[int(state.reason)]``. Index 0 means accepted.
@@ -685,15 +686,14 @@ def skip_on_spike(
     record_refused = bool(record_refused)
 
     def init_fn(params: Any) -> SkipOnSpikeState:
-        zero = jnp.zeros([], jnp.float32)
         return SkipOnSpikeState(
             **_initial_counters(),
-            norm=zero,
+            norm=zero_scalar(),
             loss=jnp.full([], jnp.nan, jnp.float32),
-            norm_mean=zero,
-            norm_std=zero,
-            loss_mean=zero,
-            loss_std=zero,
+            norm_mean=zero_scalar(),
+            norm_std=zero_scalar(),
+            loss_mean=zero_scalar(),
+            loss_std=zero_scalar(),
             norm_window=jnp.zeros([window], jnp.float32),
             loss_window=jnp.zeros([window], jnp.float32),
             norm_count=zero_count(),

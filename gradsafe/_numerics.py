@@ -677,6 +677,12 @@ def zero_count() -> jax.Array:
     return jnp.zeros([], jnp.int32)
 
 
+def zero_scalar() -> jax.Array:
+    """A float32 zero with a buffer of its own (one call per state field): a train step that
+    donates the optimizer state fails when two of its leaves share one buffer."""
+    return jnp.zeros([], jnp.float32)
+
+
 def safe_increment(count: jax.Array) -> jax.Array:
     """``count + 1`` that saturates at the int32 maximum instead of overflowing."""
     return cast(jax.Array, optax.safe_increment(count))

@@ -292,3 +292,14 @@ def test_a_gradient_whose_square_overflows_never_reaches_the_parameters():
     assert gs.skip_reason(after) == "gradient_overflow"
     assert all(not np.asarray(u).any() for u in jax.tree.leaves(updates))
     assert bits(after.inner_state) == bits(before.inner_state)
+
+
+def test_default_stack_state_can_be_donated():
+    """The README's train step donates the state: the default stack's leaves (ZClip's
+    statistics among them) must not share buffers, or XLA refuses the donation."""
+    tx = gs.stabilize(optax.adam(1e-3))
+    params = {"w": jnp.ones(4)}
+    step = jax.jit(lambda s, g: tx.update(g, s, params)[1], donate_argnums=0)
+    with jax.numpy_dtype_promotion("standard"):  # optax.adam mixes float and int32
+        state = step(step(tx.init(params), params), params)
+    assert gs.metrics(state)["zclip/count"] == 2

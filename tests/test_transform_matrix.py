@@ -536,3 +536,32 @@ def test_grad_through_update_is_finite_at_zero_gradients(name):
     derivative = fast_jit(jax.grad(total))(zeros)
     for leaf in jax.tree.leaves(derivative):
         assert bool(jnp.all(jnp.isfinite(leaf))), name
+
+
+def _shared_buffers(state: Any) -> list[str]:
+    """Paths of state leaves that hold the same device buffer as an earlier leaf."""
+    seen: dict[int, str] = {}
+    shared = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        if isinstance(leaf, jax.Array) and not leaf.is_deleted():
+            pointer = leaf.unsafe_buffer_pointer()
+            if pointer in seen:
+                shared.append(f"{jax.tree_util.keystr(path)} (as {seen[pointer]})")
+            seen.setdefault(pointer, jax.tree_util.keystr(path))
+    return shared
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_can_be_donated(name):
+    """A train step donates the optimizer state (Flax, Optax examples): no two leaves of a
+    state may share one buffer, after ``init`` or after an eager ``update`` (XLA refuses to
+    donate a buffer twice)."""
+    tx = MATRIX[name].make()
+    params = params_tree()
+    state = tx.init(params)
+    assert not _shared_buffers(state), f"{name}: init shares {_shared_buffers(state)}"
+    grads = jax.tree.map(jnp.ones_like, params)
+    _, eager = tx.update(grads, state, params, value=loss(0))
+    assert not _shared_buffers(eager), f"{name}: update shares {_shared_buffers(eager)}"
+    step = jax.jit(lambda s: tx.update(grads, s, params, value=loss(0))[1], donate_argnums=0)
+    jax.block_until_ready(step(step(state)))
