@@ -74,11 +74,24 @@ def test_overhead_quick_without_out_dir_writes_nothing(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_overhead_rejects_unknown_name_and_bad_size(tmp_path):
-    unknown = _run("--quick", "--only", "no_such_clipper", cwd=tmp_path)
-    assert unknown.returncode == 2 and "no_such_clipper" in unknown.stderr
-    bad = _run("--quick", "--sizes", "64by1M", cwd=tmp_path)
-    assert bad.returncode == 2 and "64by1M" in bad.stderr
+def _load(path: Path, name: str):
+    """A benchmark script as a module (its arguments are checked before any work: the
+    rejection tests call ``main`` in this process instead of starting an interpreter)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [(["--only", "no_such_clipper"], "no_such_clipper"), (["--sizes", "64by1M"], "64by1M")],
+)
+def test_overhead_rejects_unknown_name_and_bad_size(args, named, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _load(OVERHEAD, "overhead_benchmark").main(["--quick", *args])
+    assert exit_info.value.code == 2 and named in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------
@@ -90,11 +103,7 @@ STEP = ROOT / "benchmarks" / "step.py"
 
 @functools.cache
 def _load_step():
-    spec = importlib.util.spec_from_file_location("step_benchmark", STEP)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
-    spec.loader.exec_module(module)
-    return module
+    return _load(STEP, "step_benchmark")
 
 
 HAND_WRITTEN_HLO = """HloModule m
@@ -180,9 +189,7 @@ def test_step_quick_writes_json_and_markdown(tmp_path):
     assert set(report["compile"]["8"]) >= {"gs.stabilize(adam)", "optax.adam(1e-3)"}
 
 
-def test_step_rejects_an_unknown_stack(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(STEP), "--quick", "--only", "no_such_stack"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 2 and "no_such_stack" in result.stderr
+def test_step_rejects_an_unknown_stack(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _load_step().main(["--quick", "--only", "no_such_stack"])
+    assert exit_info.value.code == 2 and "no_such_stack" in capsys.readouterr().err
