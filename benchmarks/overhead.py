@@ -26,11 +26,7 @@ To add a transform, add one :class:`Entry` to ``ENTRIES``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -45,6 +41,10 @@ import jax.numpy as jnp
 import optax
 
 import gradsafe as gs
+
+# The scripts run as files (python benchmarks/step.py) and are loaded by path in the tests.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import environment, leaf_shape
 
 Factory = Callable[[], optax.GradientTransformation]
 
@@ -186,12 +186,6 @@ def parse_size(spec: str) -> tuple[int, int]:
     if leaves < 1 or elements < 1:
         raise ValueError(f"size must have at least one leaf of one element, got {spec!r}")
     return leaves, elements
-
-
-def leaf_shape(elements: int) -> tuple[int, ...]:
-    """A square matrix when ``elements`` is a perfect square (a dense kernel), else a vector."""
-    side = math.isqrt(elements)
-    return (side, side) if side * side == elements else (elements,)
 
 
 def make_tree(leaves: int, elements: int, seed: int) -> dict[str, jax.Array]:
@@ -356,21 +350,6 @@ def run_compile(leaves: int, repeats: int) -> dict[str, Any]:
             flush=True,
         )
     return {"leaves": leaves, "leaf_shape": list(COMPILE_LEAF_SHAPE), "pairs": results}
-
-
-def environment() -> dict[str, Any]:
-    device = jax.devices()[0]
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "optax": optax.__version__,
-        "gradsafe": gs.__version__,
-        "backend": jax.default_backend(),
-        "device": getattr(device, "device_kind", str(device)),
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
-    }
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -30,11 +30,8 @@ To add a stack, add one :class:`Stack` to ``STACKS``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import os
-import platform
 import re
 import statistics
 import sys
@@ -50,6 +47,10 @@ import jax.numpy as jnp
 import optax
 
 import gradsafe as gs
+
+# The scripts run as files (python benchmarks/step.py) and are loaded by path in the tests.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import environment, leaf_shape
 
 Transform = optax.GradientTransformation
 Wrap = Callable[[Transform], Transform]
@@ -281,12 +282,6 @@ def parse_size(spec: str) -> list[tuple[int, int]]:
     return groups
 
 
-def leaf_shape(elements: int) -> tuple[int, ...]:
-    """A square matrix when ``elements`` is a perfect square (a dense kernel), else a vector."""
-    side = math.isqrt(elements)
-    return (side, side) if side * side == elements else (elements,)
-
-
 def make_tree(spec: str, seed: int, norm: float | None = None) -> dict[str, jax.Array]:
     """Float32 N(0, 1) leaves of the shape ``spec``, rescaled to global norm ``norm`` if given."""
     shapes = [leaf_shape(e) for count, e in parse_size(spec) for _ in range(count)]
@@ -427,21 +422,6 @@ def run_compile(leaves: int) -> dict[str, float]:
         seconds[name] = time.perf_counter() - start
         print(f"    {name}: {seconds[name]:.1f} s", flush=True)
     return seconds
-
-
-def environment() -> dict[str, Any]:
-    device = jax.devices()[0]
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "optax": optax.__version__,
-        "gradsafe": gs.__version__,
-        "backend": jax.default_backend(),
-        "device": getattr(device, "device_kind", str(device)),
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
-    }
 
 
 # ----------------------------------------------------------------------------------------------

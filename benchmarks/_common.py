@@ -1,0 +1,36 @@
+"""What the benchmark scripts share: the description of the machine and the tree shapes."""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import platform
+from typing import Any
+
+import jax
+import optax
+
+import gradsafe as gs
+
+
+def environment() -> dict[str, Any]:
+    """The date, versions, backend and machine of a run (stored with every result)."""
+    device = jax.devices()[0]
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "optax": optax.__version__,
+        "gradsafe": gs.__version__,
+        "backend": jax.default_backend(),
+        "device": getattr(device, "device_kind", str(device)),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+    }
+
+
+def leaf_shape(elements: int) -> tuple[int, ...]:
+    """A square matrix when ``elements`` is a perfect square (a dense kernel), else a vector."""
+    side = math.isqrt(elements)
+    return (side, side) if side * side == elements else (elements,)
