@@ -572,7 +572,7 @@ def clip_factor(
     Rules shared by every clipper:
 
     * A threshold met exactly leaves the gradient unchanged (without ``always``). A zero
-      norm with a threshold below ~1e-12 (float32; ~1e-138 in float64) gives 0: such a norm
+      norm with a threshold below ~9e-13 (float32; ~7e-139 in float64) gives 0: such a norm
       may be a sum of squares that underflowed, and zeroing keeps the bound either way (a
       truly zero input stays zero). ``exact_zero=True`` turns this off for norms that cannot
       underflow (entry magnitudes).

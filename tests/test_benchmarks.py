@@ -1,13 +1,13 @@
 """The overhead benchmark runs end to end in its --quick size and writes consistent results."""
 
 import functools
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERHEAD = ROOT / "benchmarks" / "overhead.py"
@@ -74,23 +74,13 @@ def test_overhead_quick_without_out_dir_writes_nothing(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def _load(path: Path, name: str):
-    """A benchmark script as a module (its arguments are checked before any work: the
-    rejection tests call ``main`` in this process instead of starting an interpreter)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize(
     ("args", "named"),
     [(["--only", "no_such_clipper"], "no_such_clipper"), (["--sizes", "64by1M"], "64by1M")],
 )
 def test_overhead_rejects_unknown_name_and_bad_size(args, named, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        _load(OVERHEAD, "overhead_benchmark").main(["--quick", *args])
+        load_script(OVERHEAD, "overhead_benchmark").main(["--quick", *args])
     assert exit_info.value.code == 2 and named in capsys.readouterr().err
 
 
@@ -103,7 +93,7 @@ STEP = ROOT / "benchmarks" / "step.py"
 
 @functools.cache
 def _load_step():
-    return _load(STEP, "step_benchmark")
+    return load_script(STEP, "step_benchmark")
 
 
 HAND_WRITTEN_HLO = """HloModule m

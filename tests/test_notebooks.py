@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
+from scripts import load_script
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 NAMES = [p.name for p in NOTEBOOKS]
@@ -100,11 +101,7 @@ def test_text_lm_notebook_shows_the_computed_verdict():
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=NAMES)
 def test_notebook_runs_top_to_bottom(path, tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("execute_notebooks", path.parent / "execute.py")
-    runner = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(runner)
+    runner = load_script(path.parent / "execute.py", "execute_notebooks")
     nb = runner.execute(path, cwd=tmp_path, timeout=300)  # raises on the first failing cell
     outs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outs if o.output_type == "error"]

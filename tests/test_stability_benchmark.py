@@ -1,6 +1,5 @@
 """The stability benchmark runs end to end in its --quick size and writes consistent results."""
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -11,20 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "stability.py"
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("stability_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module
-
-
-stability = _module()
+stability = load_script(SCRIPT, "stability_benchmark")
 
 
 def test_quick_run_writes_json_markdown_and_plots(tmp_path):

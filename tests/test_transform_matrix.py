@@ -565,3 +565,10 @@ def test_state_can_be_donated(name):
     assert not _shared_buffers(eager), f"{name}: update shares {_shared_buffers(eager)}"
     step = jax.jit(lambda s: tx.update(grads, s, params, value=loss(0))[1], donate_argnums=0)
     jax.block_until_ready(step(step(state)))
+
+
+def test_a_chain_of_every_factory_shares_no_buffer():
+    """Module-level constants must not end up in two states of one chain either (a shared
+    buffer anywhere in the donated state makes XLA refuse the step)."""
+    state = optax.chain(*(MATRIX[name].make() for name in NAMES)).init(params_tree())
+    assert not _shared_buffers(state), _shared_buffers(state)
