@@ -108,7 +108,8 @@ def clip_by_value(max_delta: ScalarOrSchedule) -> optax.GradientTransformationEx
         return (x.real, x.imag) if jnp.iscomplexobj(x) else (x,)
 
     def peak(x: jax.Array) -> jax.Array:
-        """The largest magnitude of any component of ``x`` (NaN if it has a NaN)."""
+        """The largest magnitude of any component of ``x``: NaN if it has a NaN, except on
+        XLA:CPU, whose fused max skips NaN (the NaN passes through either way)."""
         peaks = [jnp.max(jnp.abs(c), initial=0) for c in components(x)]
         return jnp.max(jnp.stack(peaks).astype(accumulation_dtype(x.dtype)))
 

@@ -250,6 +250,12 @@ def magnitude(x: jax.Array) -> jax.Array:
     return jnp.abs(x.astype(acc))
 
 
+def _leaf_peak(x: jax.Array, axis: Any = None, keepdims=False) -> jax.Array:
+    """max |x| (0 for empty leaves), for scaling: on XLA:CPU (jax 0.10) a large array's fused
+    max reduction skips NaN entries, so use it only where NaN is caught otherwise."""
+    return jnp.max(magnitude(x), axis=axis, keepdims=keepdims, initial=0)
+
+
 def _leaf_power_sum(x: jax.Array, norm_type: float, axis: Any = None, keepdims=False):
     """Per-leaf local reduction: sum |x|^2 (2), sum |x| (1) or max |x| (inf)."""
     if norm_type == 2.0:
@@ -257,7 +263,10 @@ def _leaf_power_sum(x: jax.Array, norm_type: float, axis: Any = None, keepdims=F
     size = magnitude(x)
     if norm_type == 1.0:
         return jnp.sum(size, axis=axis, keepdims=keepdims)
-    return jnp.max(size, axis=axis, keepdims=keepdims, initial=0)  # 0 for empty leaves
+    # |x| * 0 sums to NaN exactly when an entry is NaN or Inf: the inf-norm is then NaN on
+    # every backend (see _leaf_peak), at the cost of a second reduction.
+    flag = jnp.sum(size * 0, axis=axis, keepdims=keepdims)
+    return _leaf_peak(x, axis, keepdims) + flag
 
 
 def _finish(total: jax.Array, norm_type: float) -> jax.Array:
@@ -267,15 +276,18 @@ def _finish(total: jax.Array, norm_type: float) -> jax.Array:
 def _rescaled_power_sum(x: jax.Array, peak: jax.Array, norm_type: float, axis: Any, keepdims):
     """``sum |x / peak|^p`` (p = 1, 2) with ``peak`` broadcastable to ``x`` (0 taken as 1).
 
-    Divided twice by ``sqrt(peak)``: XLA may divide by multiplying with the reciprocal, and
-    ``1 / peak`` is subnormal (flushed to zero) for ``peak`` above 8.5e37 in float32. The
-    barrier keeps XLA from merging the two divisions back into one.
+    Multiplied twice by ``1 / sqrt(peak)``: ``1 / peak`` itself is subnormal (flushed to zero)
+    for ``peak`` above 8.5e37 in float32, and the barrier on the second factor keeps XLA from
+    folding the two into it. Real entries are scaled before their magnitude is taken, so this
+    sum does not share ``|x|`` with the reduction that found ``peak`` (shared, ``|x|`` is
+    written to memory: a tree-sized temporary buffer in every program that takes a norm).
     """
-    size = magnitude(x)
-    peak = peak.astype(size.dtype)
+    acc = accumulation_dtype(x.dtype)
+    peak = peak.astype(acc)
     root = jnp.sqrt(jnp.where(peak > 0, peak, 1))
-    ratio = jax.lax.optimization_barrier(size / root) / root
-    power = jnp.square(ratio) if norm_type == 2.0 else ratio
+    values = magnitude(x) if jnp.iscomplexobj(x) else x.astype(acc)
+    ratio = values / root / jax.lax.optimization_barrier(root)
+    power = jnp.square(ratio) if norm_type == 2.0 else jnp.abs(ratio)
     return jnp.sum(power, axis=axis, keepdims=keepdims)
 
 
@@ -357,16 +369,13 @@ def _static_global_norm(tree: Any, norm_type: float, axis_name: AxisName) -> jax
     def reduce(values: list[jax.Array], op: str) -> jax.Array:
         return reduce_across_devices([v.astype(dtype) for v in values], leaves, axis_name, op)
 
-    def peak_of_all() -> jax.Array:
-        return reduce([_leaf_power_sum(x, math.inf) for x in leaves], "max")
-
     if norm_type == math.inf:
-        return peak_of_all()
+        return reduce([_leaf_power_sum(x, math.inf) for x in leaves], "max")
     norm = _finish(reduce([_leaf_power_sum(x, norm_type) for x in leaves], "sum"), norm_type)
 
     def recompute() -> list[jax.Array]:
         # Traced inside the branch: the common path must not pay for the extra pass.
-        peak = peak_of_all()
+        peak = reduce([_leaf_peak(x) for x in leaves], "max")
         sums = [
             _rescaled_power_sum(x, peak.astype(x.real.dtype), norm_type, None, False)
             for x in leaves
@@ -374,6 +383,19 @@ def _static_global_norm(tree: Any, norm_type: float, axis_name: AxisName) -> jax
         return [_unscale(norm, peak, _finish(reduce(sums, "sum"), norm_type))]
 
     return _on_overflow([norm], recompute)[0]
+
+
+def peak_magnitude(tree: Any, axis_name: AxisName = None) -> jax.Array:
+    """The largest magnitude over the float leaves of ``tree``, for scaling trees whose
+    entries are finite (NaN entries may be skipped, see ``_leaf_peak``; use
+    :func:`global_norm` with ``norm_type=inf`` to see them)."""
+    dtype = tree_accumulation_dtype(tree)
+    leaves = pack_small_leaves(float_leaves(tree), axis_name)
+    if not leaves:
+        return jnp.zeros((), dtype)
+    return reduce_across_devices(
+        [_leaf_peak(x).astype(dtype) for x in leaves], leaves, axis_name, "max"
+    )
 
 
 def _dispatch_norm_type(norm_type: Any, compute: Callable[[float], Any]) -> Any:
@@ -471,7 +493,7 @@ def leaf_norms_of(
             fixed = []
             for x, norm in zip(leaves, norms, strict=True):
                 peak = reduce_leaf_across_devices(
-                    _leaf_power_sum(x, math.inf, axes_of(x), True), x, axis_name, "max"
+                    _leaf_peak(x, axes_of(x), True), x, axis_name, "max"
                 )
                 local = _rescaled_power_sum(x, peak, p, axes_of(x), keepdims)
                 total = _finish(reduce_leaf_across_devices(local, x, axis_name, "sum"), p)

@@ -40,6 +40,7 @@ from gradsafe._numerics import (
     compute_dtype,
     cond,
     global_norm,
+    peak_magnitude,
     is_float_leaf,
     largest,
     leaf_norms_of,
@@ -252,8 +253,7 @@ def split_clip(
         # Norms are finite for finite entries (saturated at the largest float32 for a float64
         # norm beyond its range); a NaN or Inf entry makes them NaN or Inf on every device.
         norm = as_float32(global_norm(updates, axis_name=axis_name))
-        peak = as_float32(global_norm(updates, math.inf, axis_name=axis_name))
-        finite = jnp.isfinite(norm) & jnp.isfinite(peak)
+        finite = jnp.isfinite(norm)
 
         def decayed(g: Any, r: Any) -> Any:
             return scale_leaf(r, decay) if is_float_leaf(g) else r
@@ -270,7 +270,7 @@ def split_clip(
         did_clip = finite & (out_norm < seen_norm)
         bound = jnp.where(did_clip, out_norm, state.bound)
         if release == "room":
-            carried_peak = global_norm(carried, math.inf, axis_name=axis_name)
+            carried_peak = peak_magnitude(carried, axis_name)
             room = jnp.maximum(bound - out_norm, 0)
             share = _fit_scale(carried, carried_peak, room, axis_name)
             clipped = jax.tree.map(
@@ -297,7 +297,7 @@ def split_clip(
             caps.append(resolve(max_residual_norm, state.count))
         if caps:
             cap = functools.reduce(jnp.minimum, caps).astype(jnp.float32)
-            residual_peak = global_norm(residual, math.inf, axis_name=axis_name)
+            residual_peak = peak_magnitude(residual, axis_name)
             residual = scale_tree(residual, _fit_scale(residual, residual_peak, cap, axis_name))
         residual_norm = as_float32(global_norm(residual, axis_name=axis_name))
         new_state = SplitClipState(

@@ -117,6 +117,20 @@ def test_global_norm_non_finite_is_kept():
     assert np.isnan(float(nx.global_norm(jnp.array([1.0, jnp.nan]), "inf")))
 
 
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
+def test_inf_norm_of_a_large_array_sees_one_non_finite_entry(bad):
+    """XLA:CPU's fused max reduction (arrays of 2**14 entries and more) skips NaN entries;
+    the inf-norms must not."""
+    x = jnp.ones(2**16).at[12345].set(bad)
+    norms = [
+        jax.jit(lambda x: nx.global_norm(x, "inf"))(x),
+        jax.jit(lambda x: nx.leaf_norm(x, math.inf))(x),
+        jax.jit(lambda x: nx.leaf_norm(x.reshape(-1, 64), math.inf, axis=1))(x)[12345 // 64],
+    ]
+    assert not any(np.isfinite(float(n)) for n in norms)
+    assert float(jax.jit(lambda x: nx.global_norm(x, "inf"))(x.at[12345].set(7.0))) == 7.0
+
+
 def test_traced_norm_type_selects_the_same_norm():
     tree = {"a": jnp.array([3.0, -4.0])}
     for p, expected in ((1.0, 7.0), (2.0, 5.0), (math.inf, 4.0)):
