@@ -27,6 +27,10 @@ def environment() -> dict[str, Any]:
         "device": getattr(device, "device_kind", str(device)),
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
+        # settings that change the timings: XLA's flags, and glibc's allocator (on CPU a step's
+        # temporary buffers beyond its mmap threshold, at most 32 MiB by default, are mapped
+        # and page-faulted afresh on every call)
+        "env": {k: v for k, v in os.environ.items() if k == "XLA_FLAGS" or k.startswith("MALLOC_")},
     }
 
 

@@ -52,6 +52,8 @@ import gradsafe as gs
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, leaf_shape
 
+from gradsafe._numerics import RARE_BRANCH
+
 Transform = optax.GradientTransformation
 Wrap = Callable[[Transform], Transform]
 
@@ -200,15 +202,22 @@ def _split_operands(rest: str) -> tuple[str, str]:
     return rest, ""
 
 
+def _is_rare(instructions: list[tuple[str, str, str, list[str], str]]) -> bool:
+    """Whether a branch computation is gradsafe's overflow branch (by its name scope)."""
+    return any(RARE_BRANCH in attributes for *_, attributes in instructions)
+
+
 def hlo_traffic(hlo_text: str) -> dict[str, Any]:
     """Bytes read and written by the kernels of an optimized HLO module, and their count.
 
     Walks the entry computation of ``compiled.as_text()``. Each instruction that moves data (a
     fusion, copy, reduction, custom call...: everything but parameters, constants, tuples and
     bitcasts) counts the bytes of its operands (read) and of its result (written); the
-    computations a ``conditional`` may run count as their heaviest branch (an accepted step),
-    a ``call``/``while`` as its body once. A fusion reads an operand once however often its
-    fused code uses it, so the total is the traffic of a machine whose caches hold no tree.
+    computations a ``conditional`` may run count as their heaviest branch (an accepted step)
+    other than gradsafe's overflow re-check (``RARE_BRANCH``, taken only when a norm
+    overflows), a ``call``/``while`` as its body once. A fusion reads an operand once however
+    often its fused code uses it, so the total is the traffic of a machine whose caches hold
+    no tree.
 
     Returns:
       ``{"bytes": total, "kernels": instructions that move data, "copies": copy
@@ -251,7 +260,9 @@ def hlo_traffic(hlo_text: str) -> dict[str, Any]:
                     for name in re.findall(r"%?([\w.\-]+)", group)
                     if name in computations
                 ]
-                moved += max((walk(name) for name in called), default=0)
+                # the overflow re-check's branch runs only when a norm overflows
+                usual = [name for name in called if not _is_rare(computations[name])]
+                moved += max((walk(name) for name in usual or called), default=0)
                 continue
             moved += _array_bytes(shape)
             moved += sum(_array_bytes(shapes.get(name, "")) for name in operands)
@@ -438,6 +449,12 @@ def _cell(figures: dict[str, Any] | None) -> str:
     )
 
 
+def _command(env: dict[str, Any], argv: list[str]) -> str:
+    """The command line of a run, with the environment variables it recorded."""
+    settings = [f"{key}={value}" for key, value in env.get("env", {}).items()]
+    return " ".join([*settings, "python benchmarks/step.py", *argv])
+
+
 def markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
     lines = [
@@ -448,7 +465,7 @@ def markdown(report: dict[str, Any]) -> str:
         f" {env['gradsafe']}. The jitted step `(params, opt_state, grads) -> (params',"
         " opt_state')` with params and state donated; float32 trees; programs alternated,"
         f" median of {report['repeats']} runs after {report['warmup']} warm-up runs."
-        " Produced by `python benchmarks/step.py " + " ".join(report["argv"]) + "`.",
+        f" Produced by `{_command(env, report['argv'])}`.",
         "",
         "Each cell: **time relative to the bare step / passes over the tree (bytes moved by the"
         " optimized HLO's kernels, in gradient-tree units) / peak temporary memory above the"

@@ -150,6 +150,24 @@ def test_hlo_traffic_of_a_compiled_elementwise_step():
     assert traffic["kernels"] == 1
 
 
+def test_hlo_traffic_leaves_out_the_overflow_branch():
+    """A global-norm clip reads the gradient once for its norm on an ordinary step; the
+    branch that rescales an overflowing norm (two more reads) is not counted."""
+    import jax
+    import jax.numpy as jnp
+
+    import gradsafe as gs
+
+    step = _load_step()
+    tx = gs.clip_by_global_norm(1.0)
+    g = jnp.ones((512, 512), jnp.float32)
+    compiled = jax.jit(lambda g, s: tx.update(g, s)[0]).lower(g, tx.init(g)).compile()
+    text = compiled.as_text()
+    assert step.RARE_BRANCH in text
+    # the norm's reduction reads g; the scaling reads g and writes the output
+    assert step.hlo_traffic(text)["bytes"] // g.nbytes == 3
+
+
 def test_step_sizes_parse():
     step = _load_step()
     assert step.parse_size("4x2M+256x4K") == [(4, 2 * 2**20), (256, 4096)]
