@@ -233,12 +233,13 @@ def cond(pred: jax.Array, true_fn: Callable[..., Any], false_fn: Callable[..., A
 # Norms
 #
 # Fail closed on overflow: a float32 sum of squares overflows once the norm passes ~1.8e19,
-# although every entry may be finite. The cheap sum is taken first; only when it is not finite
-# (rare) a ``lax.cond`` branch takes the largest magnitude ``m``: if it is finite the norm is
-# recomputed as ``m * ||x / m||``, which cannot overflow before the norm itself does. So a norm
-# is NaN or Inf exactly when the input holds a NaN or Inf, and a finite input whose true norm
-# exceeds the largest float32 (entries near 3.4e38) reports that largest float32. Every clipper
-# can then keep its rule "non-finite norm: pass the input through for a guard".
+# although every entry may be finite, and underflows below ~1e-19. The cheap sum is taken
+# first; only when it is not trustworthy (rare) a ``lax.cond`` branch recomputes it from the
+# entries multiplied by a power of two, 2**-64 or 2**64 in float32 (2**-512, 2**512 in
+# float64): exact scalings that bring any finite input's sum into range. So a norm is NaN or
+# Inf exactly when the input holds a NaN or Inf, and a finite input whose true norm exceeds the
+# largest float32 (entries near 3.4e38) reports that largest float32. Every clipper can then
+# keep its rule "non-finite norm: pass the input through for a guard".
 # --------------------------------------------------------------------------------------------
 
 
@@ -263,39 +264,49 @@ def _leaf_power_sum(x: jax.Array, norm_type: float, axis: Any = None, keepdims=F
     size = magnitude(x)
     if norm_type == 1.0:
         return jnp.sum(size, axis=axis, keepdims=keepdims)
-    # |x| * 0 sums to NaN exactly when an entry is NaN or Inf: the inf-norm is then NaN on
-    # every backend (see _leaf_peak), at the cost of a second reduction.
-    flag = jnp.sum(size * 0, axis=axis, keepdims=keepdims)
-    return _leaf_peak(x, axis, keepdims) + flag
+    # NaN on every backend when an entry is NaN or Inf (see _leaf_peak), for a second pass
+    return _leaf_peak(x, axis, keepdims) + _nonfinite_flag(x, axis, keepdims)
 
 
 def _finish(total: jax.Array, norm_type: float) -> jax.Array:
     return safe_sqrt(total) if norm_type == 2.0 else total
 
 
-def _rescaled_power_sum(x: jax.Array, peak: jax.Array, norm_type: float, axis: Any, keepdims):
-    """``sum |x / peak|^p`` (p = 1, 2) with ``peak`` broadcastable to ``x`` (0 taken as 1).
-
-    Multiplied twice by ``1 / sqrt(peak)``: ``1 / peak`` itself is subnormal (flushed to zero)
-    for ``peak`` above 8.5e37 in float32, and the barrier on the second factor keeps XLA from
-    folding the two into it. Real entries are scaled before their magnitude is taken, so this
-    sum does not share ``|x|`` with the reduction that found ``peak`` (shared, ``|x|`` is
-    written to memory: a tree-sized temporary buffer in every program that takes a norm).
-    """
-    acc = accumulation_dtype(x.dtype)
-    peak = peak.astype(acc)
-    root = jnp.sqrt(jnp.where(peak > 0, peak, 1))
-    values = magnitude(x) if jnp.iscomplexobj(x) else x.astype(acc)
-    ratio = values / root / jax.lax.optimization_barrier(root)
-    power = jnp.square(ratio) if norm_type == 2.0 else jnp.abs(ratio)
+def _scaled_power_sum(
+    x: jax.Array, scale: float, norm_type: float, axis: Any = None, keepdims=False
+):
+    """``sum |scale * x|^p`` (p = 1, 2) in the accumulation dtype. ``scale`` is a power of two,
+    so the scaling is exact unless it under- or overflows, and it is a constant: XLA:CPU fuses
+    it into the reduction (a scalar computed at run time is broadcast into a leaf-sized
+    temporary buffer there)."""
+    y = x.astype(compute_dtype(x.dtype)) * scale
+    axes = range(x.ndim) if axis is None else np.atleast_1d(axis)
+    if math.prod(x.shape[a] for a in axes) <= 1:
+        # No reduction left to fuse into: XLA folds the scale into the square (x**2 * 2**-128,
+        # which overflows and flushes to NaN) unless the scaled values are kept apart.
+        y = jax.lax.optimization_barrier(y)
+    power = abs_sq(y) if norm_type == 2.0 else magnitude(y)
     return jnp.sum(power, axis=axis, keepdims=keepdims)
 
 
-def _unscale(norm: jax.Array, peak: jax.Array, rescaled: jax.Array) -> jax.Array:
-    """``peak * rescaled`` saturated at the largest float; ``norm`` where the input held
-    NaN or Inf (its peak is not finite)."""
-    exact = jnp.minimum(peak * rescaled, largest(norm.dtype))
-    return jnp.where(jnp.isfinite(peak), exact.astype(norm.dtype), norm)
+def _rescaled(norm: jax.Array, sum_at: Callable[[float], jax.Array], flag: jax.Array, p: float):
+    """The norm recomputed from ``sum_at(scale)`` (the summed ``|scale * x|^p``) when the cheap
+    ``norm`` is not trustworthy: with ``2**-h`` when it overflowed (saturated at the largest
+    float if even the true norm exceeds it), with ``2**h`` when it underflowed; ``norm`` itself
+    where the input holds a NaN or Inf (``flag``, the sum of ``x * 0``, is then NaN)."""
+    half = jnp.finfo(norm.dtype).maxexp // 2
+    down, up = 2.0**-half, 2.0**half
+    big = jnp.minimum(_finish(sum_at(down).astype(norm.dtype), p) * up, largest(norm.dtype))
+    small = _finish(sum_at(up).astype(norm.dtype), p) * down
+    picked = jnp.where(jnp.isfinite(norm), small, big)
+    return jnp.where(_trusted(norm) | ~jnp.isfinite(flag), norm, picked)
+
+
+def _nonfinite_flag(x: jax.Array, axis: Any = None, keepdims=False) -> jax.Array:
+    """``sum |x| - |x|``: NaN exactly when ``x`` has a NaN or Inf entry, else 0 (no constant
+    operand: XLA:CPU writes a constant shared by several reductions to memory)."""
+    size = magnitude(x)
+    return jnp.sum(size - size, axis=axis, keepdims=keepdims)
 
 
 def _smallest_trusted(dtype: Any) -> float:
@@ -305,11 +316,16 @@ def _smallest_trusted(dtype: Any) -> float:
     return math.sqrt(float(finfo.tiny)) / float(finfo.eps)
 
 
-def _trustworthy(norm: jax.Array) -> jax.Array:
-    """Whether a cheaply computed norm needs no rescaling: finite, and 0 (see
+def _trusted(norm: jax.Array) -> jax.Array:
+    """Element-wise, whether a cheaply computed norm needs no rescaling: finite, and 0 (see
     :func:`clip_factor`) or at least :func:`_smallest_trusted`."""
     small = _smallest_trusted(norm.dtype)
-    return jnp.all(jnp.isfinite(norm) & ((norm == 0) | (norm >= small)))
+    return jnp.isfinite(norm) & ((norm == 0) | (norm >= small))
+
+
+def _trustworthy(norm: jax.Array) -> jax.Array:
+    """Whether every entry of ``norm`` is :func:`_trusted`."""
+    return jnp.all(_trusted(norm))
 
 
 def _on_overflow(norms: list[jax.Array], recompute: Callable[[], list[jax.Array]]):
@@ -381,13 +397,12 @@ def _static_global_norm(tree: Any, norm_type: float, axis_name: AxisName) -> jax
     norm = _finish(reduce([_leaf_power_sum(x, norm_type) for x in leaves], "sum"), norm_type)
 
     def recompute() -> list[jax.Array]:
-        # Traced inside the branch: the common path must not pay for the extra pass.
-        peak = reduce([_leaf_peak(x) for x in leaves], "max")
-        sums = [
-            _rescaled_power_sum(x, peak.astype(x.real.dtype), norm_type, None, False)
-            for x in leaves
-        ]
-        return [_unscale(norm, peak, _finish(reduce(sums, "sum"), norm_type))]
+        # Traced inside the branch: the common path must not pay for the extra passes.
+        def sum_at(scale: float) -> jax.Array:
+            return reduce([_scaled_power_sum(x, scale, norm_type) for x in leaves], "sum")
+
+        flag = reduce([_nonfinite_flag(x) for x in leaves], "sum")
+        return [_rescaled(norm, sum_at, flag, norm_type)]
 
     return _on_overflow([norm], recompute)[0]
 
@@ -499,14 +514,15 @@ def leaf_norms_of(
         def recompute() -> list[jax.Array]:
             fixed = []
             for x, norm in zip(leaves, norms, strict=True):
-                peak = reduce_leaf_across_devices(
-                    _leaf_peak(x, axes_of(x), True), x, axis_name, "max"
-                )
-                local = _rescaled_power_sum(x, peak, p, axes_of(x), keepdims)
-                total = _finish(reduce_leaf_across_devices(local, x, axis_name, "sum"), p)
-                if not keepdims:
-                    peak = jnp.reshape(peak, total.shape)
-                fixed.append(_unscale(norm, peak, total))
+
+                def summed(local: jax.Array, x: jax.Array = x) -> jax.Array:
+                    return reduce_leaf_across_devices(local, x, axis_name, "sum")
+
+                def sum_at(scale: float, x: jax.Array = x) -> jax.Array:
+                    return summed(_scaled_power_sum(x, scale, p, axes_of(x), keepdims))
+
+                flag = summed(_nonfinite_flag(x, axes_of(x), keepdims))
+                fixed.append(_rescaled(norm, sum_at, flag, p))
             return fixed
 
         return _on_overflow(norms, recompute)

@@ -117,6 +117,24 @@ def test_global_norm_non_finite_is_kept():
     assert np.isnan(float(nx.global_norm(jnp.array([1.0, jnp.nan]), "inf")))
 
 
+def test_rescued_norms_per_row_and_of_single_entries():
+    """The overflow branch recomputes only the norms that need it (a row of ordinary size
+    keeps its norm), and single entries, whose squares XLA would fold with the rescaling
+    constant, keep their magnitude."""
+    rows = jnp.array([[3e19, 4e19], [1.0, 0.0], [3e-15, 4e-15], [jnp.nan, 1.0], [jnp.inf, 1.0]])
+    norms = jax.jit(lambda x: nx.leaf_norm(x, 2, axis=1))(rows)
+    np.testing.assert_allclose(norms[:3], [5e19, 1.0, 5e-15], rtol=1e-6)
+    assert np.isnan(float(norms[3])) and np.isinf(float(norms[4]))
+    big = jnp.float32(5.97e31)
+    for tree in (big, jnp.full((1,), big), {"a": big, "b": jnp.ones(2**17)}):
+        assert float(jax.jit(nx.global_norm)(tree)) == pytest.approx(5.97e31, rel=1e-6)
+    column = jax.jit(lambda x: nx.leaf_norm(x, 2, axis=1))(jnp.full((4, 1), big))
+    np.testing.assert_allclose(column, [5.97e31] * 4, rtol=1e-6)
+    scalars = jax.jit(nx.leaf_norms_of)([big, jnp.array([3e38, 3e38])])
+    assert float(scalars[0]) == pytest.approx(5.97e31, rel=1e-6)
+    assert float(scalars[1]) == float(jnp.finfo(jnp.float32).max)  # saturated
+
+
 @pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
 def test_inf_norm_of_a_large_array_sees_one_non_finite_entry(bad):
     """XLA:CPU's fused max reduction (arrays of 2**14 entries and more) skips NaN entries;
