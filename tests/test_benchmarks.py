@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from scripts import load_script
 
@@ -201,3 +202,37 @@ def test_step_rejects_an_unknown_stack(capsys):
     with pytest.raises(SystemExit) as exit_info:
         _load_step().main(["--quick", "--only", "no_such_stack"])
     assert exit_info.value.code == 2 and "no_such_stack" in capsys.readouterr().err
+
+
+def _load_guard_floor():
+    return load_script(ROOT / "benchmarks" / "guard_floor.py", "guard_floor_benchmark")
+
+
+def test_guard_floor_programs_agree_and_refuse_a_nan_step():
+    import jax
+    import jax.numpy as jnp
+
+    floor = _load_guard_floor()
+    params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)}
+    zeros = {"w": jnp.zeros((3, 4))}
+    grads = {"w": jnp.full((3, 4), 0.01)}
+    bare = floor.bare(params, zeros, zeros, grads)
+    bad = {"w": grads["w"].at[1, 1].set(jnp.nan)}
+    for name, program in floor.PROGRAMS.items():
+        accepted = jax.jit(program)(params, zeros, zeros, grads)
+        if "limit" not in name:  # the clip and the limit change the update
+            for got, want in zip(accepted, bare, strict=True):
+                np.testing.assert_allclose(got["w"], want["w"], rtol=1e-6, err_msg=name)
+        if name != "bare":
+            refused = jax.jit(program)(params, zeros, zeros, bad)
+            np.testing.assert_array_equal(refused[0]["w"], params["w"], err_msg=name)
+
+
+def test_guard_floor_writes_its_results(tmp_path):
+    floor = _load_guard_floor()
+    argv = ["--sizes", "1x1K", "--repeats", "1", "--warmup", "0", "--out-dir", str(tmp_path)]
+    assert floor.main(argv) == 0
+    report = json.loads((tmp_path / "guard_floor.json").read_text())
+    case = report["cases"]["1x1K"]
+    assert set(case) == set(floor.PROGRAMS) and case["bare"]["x_bare"] == 1.0
+    assert "cond(update)" in (tmp_path / "guard_floor.md").read_text()
