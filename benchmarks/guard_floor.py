@@ -194,8 +194,8 @@ def markdown(report: dict[str, Any]) -> str:
         "# The bar for a guarded Adam step: hand-written programs",
         "",
         f"Measured {env['date']} on {env['backend']} ({env['cpu_count']} CPUs visible), jax"
-        f" {env['jax']}. Produced by `python benchmarks/guard_floor.py "
-        + " ".join(report["argv"])
+        f" {env['jax']}. Produced by `"
+        + " ".join(["python benchmarks/guard_floor.py", *report["argv"]])
         + f"`; median of {report['repeats']} alternated runs. Each cell: time relative to"
         " `bare` / passes over the tree in the optimized HLO / temporary memory above `bare`"
         " in gradient trees.",
