@@ -448,9 +448,9 @@ def global_norm(tree: Any, norm_type: Any = 2, *, axis_name: AxisName = None) ->
     with :math:`p \\in \\{1, 2, \\infty\\}` (max over entries for inf).
 
     Accumulated in float32 (float64 for float64 leaves); finite derivative at zero. A finite
-    input never gets a non-finite norm: when the float32 sum overflows, the norm is recomputed
-    from the entries divided by the largest magnitude (and saturates at the largest float32
-    if even the true norm exceeds it). NaN or Inf entries give a NaN or Inf norm. With
+    input never gets a non-finite norm: when the float32 sum overflows (or underflows), the
+    norm is recomputed from the entries scaled by an exact power of two (and saturates at the
+    largest float32 if even the true norm exceeds it). NaN or Inf entries give a NaN or Inf norm. With
     ``axis_name`` (inside ``shard_map``/``pmap``) the local sums are reduced across devices,
     and the inf-norm is NaN when any device holds a NaN.
 
