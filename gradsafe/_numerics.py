@@ -276,9 +276,8 @@ def _scaled_power_sum(
     x: jax.Array, scale: float, norm_type: float, axis: Any = None, keepdims=False
 ):
     """``sum |scale * x|^p`` (p = 1, 2) in the accumulation dtype. ``scale`` is a power of two,
-    so the scaling is exact unless it under- or overflows, and it is a constant: XLA:CPU fuses
-    it into the reduction (a scalar computed at run time is broadcast into a leaf-sized
-    temporary buffer there)."""
+    so the scaling is exact unless it under- or overflows; a constant rather than a scalar
+    computed at run time, which XLA:CPU broadcasts into a leaf-sized temporary buffer."""
     y = x.astype(compute_dtype(x.dtype)) * scale
     axes = range(x.ndim) if axis is None else np.atleast_1d(axis)
     if math.prod(x.shape[a] for a in axes) <= 1:
@@ -293,7 +292,7 @@ def _rescaled(norm: jax.Array, sum_at: Callable[[float], jax.Array], flag: jax.A
     """The norm recomputed from ``sum_at(scale)`` (the summed ``|scale * x|^p``) when the cheap
     ``norm`` is not trustworthy: with ``2**-h`` when it overflowed (saturated at the largest
     float if even the true norm exceeds it), with ``2**h`` when it underflowed; ``norm`` itself
-    where the input holds a NaN or Inf (``flag``, the sum of ``x * 0``, is then NaN)."""
+    where the input holds a NaN or Inf (``flag``, from :func:`_nonfinite_flag`, is then NaN)."""
     half = jnp.finfo(norm.dtype).maxexp // 2
     down, up = 2.0**-half, 2.0**half
     big = jnp.minimum(_finish(sum_at(down).astype(norm.dtype), p) * up, largest(norm.dtype))
@@ -450,9 +449,9 @@ def global_norm(tree: Any, norm_type: Any = 2, *, axis_name: AxisName = None) ->
     Accumulated in float32 (float64 for float64 leaves); finite derivative at zero. A finite
     input never gets a non-finite norm: when the float32 sum overflows (or underflows), the
     norm is recomputed from the entries scaled by an exact power of two (and saturates at the
-    largest float32 if even the true norm exceeds it). NaN or Inf entries give a NaN or Inf norm. With
-    ``axis_name`` (inside ``shard_map``/``pmap``) the local sums are reduced across devices,
-    and the inf-norm is NaN when any device holds a NaN.
+    largest float32 if even the true norm exceeds it). NaN or Inf entries give a NaN or Inf
+    norm. With ``axis_name`` (inside ``shard_map``/``pmap``) the local sums are reduced across
+    devices, and the inf-norm is NaN when any device holds a NaN.
 
     Args:
       tree: any pytree; only its float leaves count.
