@@ -4,8 +4,9 @@
 fast to forget it and when to release it decide whether that helps or replays the explosion
 the clip removed. This script trains the tasks of ``benchmarks/stability.py`` (the same
 models, data, grids and reports) with ``gs.clip_by_global_norm(1.0)`` and the ``split_clip``
-variants of ``VARIANTS``, with 6 seeds per learning rate by default (twice the suite's: the
-divergence counts at the largest learning rates move by a run or two between seeds)::
+variants of ``VARIANTS`` (the default, and each of its choices undone or changed), with 6
+seeds per learning rate by default (twice the suite's: the divergence counts at the largest
+learning rates move by a run or two between seeds)::
 
     python benchmarks/split_clip_variants.py            # ~10 minutes on 2 CPU cores
     python benchmarks/split_clip_variants.py --tasks adding_irnn --seeds 3
@@ -32,15 +33,16 @@ import stability
 # name -> the clipper put in front of each task's optimizer
 VARIANTS: dict[str, Callable[[], optax.GradientTransformation]] = {
     "gs.clip_by_global_norm(1.0)": lambda: gs.clip_by_global_norm(1.0),
+    "split_clip(max_residual_ratio=1.0, clip_rate_decay=None)": lambda: gs.split_clip(
+        max_residual_ratio=1.0, clip_rate_decay=None
+    ),
+    "split_clip(clip_rate_decay=None)": lambda: gs.split_clip(clip_rate_decay=None),
+    "split_clip() (max_residual_ratio=0.25, clip_rate_decay=0.9)": lambda: gs.split_clip(),
+    "split_clip(clip_rate_decay=0.98)": lambda: gs.split_clip(clip_rate_decay=0.98),
     "split_clip(max_residual_ratio=1.0)": lambda: gs.split_clip(max_residual_ratio=1.0),
-    "split_clip() (max_residual_ratio=0.25)": lambda: gs.split_clip(),
-    "split_clip(residual_decay=0.5, max_residual_ratio=1.0)": lambda: gs.split_clip(
-        residual_decay=0.5, max_residual_ratio=1.0
+    "split_clip(residual_decay=0.5, max_residual_ratio=0.5, clip_rate_decay=None)": (
+        lambda: gs.split_clip(residual_decay=0.5, max_residual_ratio=0.5, clip_rate_decay=None)
     ),
-    "split_clip(residual_decay=0.5, max_residual_ratio=0.5)": lambda: gs.split_clip(
-        residual_decay=0.5, max_residual_ratio=0.5
-    ),
-    "split_clip(residual_decay=0.9)": lambda: gs.split_clip(residual_decay=0.9),
     "split_clip(gs.zclip())": lambda: gs.split_clip(gs.zclip()),
     "split_clip(release='always', residual_decay=0.5, max_residual_ratio=0.5)": (
         lambda: gs.split_clip(release="always", residual_decay=0.5, max_residual_ratio=0.5)

@@ -92,7 +92,7 @@ def _unzip(tree: Any, count: int) -> tuple[Any, ...]:
 # --------------------------------------------------------------------------------------------
 
 
-@register_stats("split_clip", "norm", "residual_norm", "bound", "count")
+@register_stats("split_clip", "norm", "residual_norm", "bound", "clip_rate", "count")
 class SplitClipState(NamedTuple):
     """State of :func:`split_clip`.
 
@@ -102,6 +102,8 @@ class SplitClipState(NamedTuple):
       residual_norm: the global norm of the residual carried to the next step.
       bound: :math:`b`, the global norm of the clipper's output at the last step where it
         clipped (0 before the first): the size the applied update is allowed to reach.
+      clip_rate: :math:`\\rho`, the running share of steps on which the clipper clipped (0
+        without ``clip_rate_decay``).
       residual: the carried part, one buffer per float leaf (float32, or the leaf's dtype when
         wider: float64, complex64, complex128); ``MaskedNode`` for other leaves.
       clip_state: the state of the clipper.
@@ -111,6 +113,7 @@ class SplitClipState(NamedTuple):
     norm: jax.Array
     residual_norm: jax.Array
     bound: jax.Array
+    clip_rate: jax.Array
     residual: Any
     clip_state: Any
 
@@ -139,6 +142,7 @@ def split_clip(
     residual_decay: ScalarOrSchedule = 1.0,
     max_residual_ratio: ScalarOrSchedule | None = 0.25,
     max_residual_norm: ScalarOrSchedule | None = None,
+    clip_rate_decay: float | None = 0.9,
     axis_name: AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Clip, and carry what clipping removed to later steps that have room for it.
@@ -154,13 +158,18 @@ def split_clip(
       ``clip_by_global_norm(c)`` it is :math:`c`):
 
       .. math::
-          s_t = \\min\\Big(1, \\frac{\\max(b_t - \\|c_t\\|, 0)}{\\|\\gamma r_{t-1}\\|}\\Big),
-          \\qquad u_t = c_t + s_t\\,\\gamma r_{t-1}
+          s_t = \\min\\Big(1, \\frac{(1 - \\rho_t)\\max(b_t - \\|c_t\\|, 0)}
+          {\\|\\gamma r_{t-1}\\|}\\Big), \\qquad u_t = c_t + s_t\\,\\gamma r_{t-1}
 
       so :math:`\\|u_t\\| \\le \\max(\\|c_t\\|, b_t)`: the update is never larger than the
       clipper allows, a run of large gradients is clipped exactly as by :math:`C` alone, and
       the carried part comes back on quiet steps. :math:`C`'s statistics (an adaptive
-      threshold) see only the true gradients.
+      threshold) see only the true gradients. :math:`\\rho_t = \\beta \\rho_{t-1} + (1 -
+      \\beta)\\,[C \\text{ clipped } g_t]` with :math:`\\beta` = ``clip_rate_decay`` (``None``:
+      :math:`\\rho = 0`) holds the carried part back while the clipper acts on most steps:
+      U-Clip's analysis needs a threshold above the gradients' typical norm, and a clip that
+      acts on most steps (a learning rate too large for the task) means it is not; releasing
+      the residual there lengthens the steps exactly where they are already too long.
     * ``release="always"``: U-Clip as published, :math:`u_t = C(v_t)`: the residual re-enters
       at every step, also when the gradient is already at the bound.
 
@@ -200,6 +209,8 @@ def split_clip(
         :math:`b_t`, or None for no such cap; a number or a schedule.
       max_residual_norm: :math:`R \\ge 0`, the largest global norm of the residual, or None for
         no cap; a number or a schedule.
+      clip_rate_decay: :math:`\\beta \\in [0, 1)` of the running clip rate that scales the
+        room (``release="room"`` only), or None to release into all the room.
       axis_name: inside ``shard_map``/``pmap``, the mesh axis name(s) to reduce norms over, so
         every device takes the same decision (the default clipper gets it too; give your own
         clipper the same ``axis_name``).
@@ -235,6 +246,11 @@ def split_clip(
         check_scalar("max_residual_ratio", max_residual_ratio)
     if max_residual_norm is not None:
         check_scalar("max_residual_norm", max_residual_norm)
+    if clip_rate_decay is not None:
+        check_scalar(
+            "clip_rate_decay", clip_rate_decay, upper=1.0, upper_inclusive=False,
+            allow_schedule=False,
+        )  # fmt: skip
     check_axis_name(axis_name)
     inner = optax.with_extra_args_support(clipper)
 
@@ -244,6 +260,7 @@ def split_clip(
             norm=jnp.zeros([], jnp.float32),
             residual_norm=jnp.zeros([], jnp.float32),
             bound=jnp.zeros([], jnp.float32),
+            clip_rate=jnp.zeros([], jnp.float32),
             residual=_zeros_buffer(params),
             clip_state=inner.init(params),
         )
@@ -269,9 +286,14 @@ def split_clip(
         seen_norm = as_float32(seen_norm)
         did_clip = finite & (out_norm < seen_norm)
         bound = jnp.where(did_clip, out_norm, state.bound)
+        clip_rate = state.clip_rate
+        if clip_rate_decay is not None:
+            beta = resolve(clip_rate_decay, state.count)
+            updated = beta * clip_rate + (1 - beta) * did_clip.astype(jnp.float32)
+            clip_rate = jnp.where(finite, updated, clip_rate)
         if release == "room":
             carried_peak = peak_magnitude(carried, axis_name)
-            room = jnp.maximum(bound - out_norm, 0)
+            room = jnp.maximum(bound - out_norm, 0) * (1 - clip_rate)
             share = _fit_scale(carried, carried_peak, room, axis_name)
             clipped = jax.tree.map(
                 lambda u, c: u.astype(c.dtype) + scale_leaf(c, share) if is_float_leaf(u) else u,
@@ -305,6 +327,7 @@ def split_clip(
             norm=norm,
             residual_norm=residual_norm,
             bound=bound,
+            clip_rate=clip_rate,
             residual=residual,
             clip_state=clip_state,
         )

@@ -31,10 +31,10 @@ def norm(tree):
     return float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in tree.values())))
 
 
-def numpy_room(grads_seq, threshold, decay=1.0, ratio=None):
+def numpy_room(grads_seq, threshold, decay=1.0, ratio=None, rate_decay=None):
     """The ``release="room"`` rule with a global-norm clip, in float64 numpy."""
     residual = np.zeros_like(np.asarray(grads_seq[0], np.float64))
-    bound = 0.0
+    bound = rate = 0.0
     outputs = []
     for g in grads_seq:
         g = np.asarray(g, np.float64)
@@ -43,7 +43,9 @@ def numpy_room(grads_seq, threshold, decay=1.0, ratio=None):
         if n > threshold:
             bound = threshold
         carried = decay * residual
-        room = max(bound - np.linalg.norm(c), 0.0)
+        if rate_decay is not None:
+            rate = rate_decay * rate + (1 - rate_decay) * float(n > threshold)
+        room = max(bound - np.linalg.norm(c), 0.0) * (1 - rate)
         size = np.linalg.norm(carried)
         share = 1.0 if size <= room else room / size
         u = c + share * carried
@@ -54,14 +56,23 @@ def numpy_room(grads_seq, threshold, decay=1.0, ratio=None):
     return outputs, residual
 
 
-@pytest.mark.parametrize(("decay", "ratio"), [(1.0, None), (0.8, None), (1.0, 1.0), (0.5, 2.0)])
-def test_room_release_matches_numpy(decay, ratio):
+@pytest.mark.parametrize(
+    ("decay", "ratio", "rate_decay"),
+    [(1.0, None, None), (0.8, None, None), (1.0, 1.0, None), (0.5, 2.0, None), (1.0, None, 0.9),
+     (0.8, 0.25, 0.5)],
+)  # fmt: skip
+def test_room_release_matches_numpy(decay, ratio, rate_decay):
     rng = np.random.default_rng(0)
     scales = [0.3, 3.0, 0.2, 0.1, 5.0, 4.0, 0.1, 0.1, 0.1, 0.0, 0.2, 0.3]
     grads = [jnp.asarray(rng.normal(size=5) * s, jnp.float32) for s in scales]
-    tx = gs.split_clip(gs.clip_by_global_norm(1.0), residual_decay=decay, max_residual_ratio=ratio)
+    tx = gs.split_clip(
+        gs.clip_by_global_norm(1.0),
+        residual_decay=decay,
+        max_residual_ratio=ratio,
+        clip_rate_decay=rate_decay,
+    )
     outputs, states = run_steps(tx, grads)
-    expected, residual = numpy_room(grads, 1.0, decay, ratio)
+    expected, residual = numpy_room(grads, 1.0, decay, ratio, rate_decay)
     for ours, theirs in zip(outputs, expected, strict=True):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(states[-1].residual, residual, rtol=1e-5, atol=1e-6)
@@ -81,7 +92,7 @@ def test_room_release_is_plain_clipping_while_gradients_stay_large():
 
 def test_room_release_pays_the_residual_back_on_quiet_steps():
     grads = [jnp.array([10.0])] + [jnp.array([0.25])] * 5
-    ours, states = run_steps(gs.split_clip(max_residual_ratio=3.0), grads)
+    ours, states = run_steps(gs.split_clip(max_residual_ratio=3.0, clip_rate_decay=None), grads)
     assert [float(u[0]) for u in ours] == [1.0, 1.0, 1.0, 1.0, 1.0, 0.25]
     assert [float(s.residual[0]) for s in states] == [3.0, 2.25, 1.5, 0.75, 0.0, 0.0]
 

@@ -191,14 +191,15 @@ def test_split_clip_residual_cap_bounds_the_residual():
 
 def test_split_clip_delays_a_spike_instead_of_dropping_it():
     grads = [jnp.array([10.0])] + [jnp.array([0.0])] * 12
-    outputs, state = run_steps(gs.split_clip(max_residual_ratio=None), grads)
+    tx = gs.split_clip(max_residual_ratio=None, clip_rate_decay=None)
+    outputs, state = run_steps(tx, grads)
     applied = [float(u[0]) for u in outputs]
     assert applied[:10] == [1.0] * 10 and applied[10:] == [0.0] * 3
     assert float(state.residual[0]) == 0.0
 
 
 def test_split_clip_keeps_residual_on_nonfinite_gradient():
-    tx = gs.split_clip(gs.clip_by_value(1.0), max_residual_ratio=1.0)
+    tx = gs.split_clip(gs.clip_by_value(1.0), max_residual_ratio=1.0, clip_rate_decay=None)
     state = tx.init(jnp.zeros(2))
     _, state = tx.update(jnp.array([3.0, 0.0]), state)
     before = np.asarray(state.residual)

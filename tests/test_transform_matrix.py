@@ -204,9 +204,15 @@ MATRIX: dict[str, Entry] = {
     "split_clip": Entry(
         gs.split_clip,
         fixed=lambda: {"clipper": gs.clip_by_global_norm(1.0)},
-        floats={"residual_decay": 0.9, "max_residual_ratio": 2.0, "max_residual_norm": 5.0},
+        floats={
+            "residual_decay": 0.9,
+            "max_residual_ratio": 2.0,
+            "max_residual_norm": 5.0,
+            "clip_rate_decay": 0.9,
+        },
         bad={
             "residual_decay": [-0.1, 1.5, NAN],
+            "clip_rate_decay": BELOW_ONE,
             "max_residual_ratio": NEGATIVE,
             "max_residual_norm": NEGATIVE,
             "clipper": ["clip"],
