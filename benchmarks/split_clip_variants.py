@@ -37,8 +37,8 @@ VARIANTS: dict[str, Callable[[], optax.GradientTransformation]] = {
         max_residual_ratio=1.0, clip_rate_decay=None
     ),
     "split_clip(clip_rate_decay=None)": lambda: gs.split_clip(clip_rate_decay=None),
-    "split_clip() (max_residual_ratio=0.25, clip_rate_decay=0.9)": lambda: gs.split_clip(),
-    "split_clip(clip_rate_decay=0.98)": lambda: gs.split_clip(clip_rate_decay=0.98),
+    "split_clip() (max_residual_ratio=0.25, clip_rate_decay=0.98)": lambda: gs.split_clip(),
+    "split_clip(clip_rate_decay=0.9)": lambda: gs.split_clip(clip_rate_decay=0.9),
     "split_clip(max_residual_ratio=1.0)": lambda: gs.split_clip(max_residual_ratio=1.0),
     "split_clip(residual_decay=0.5, max_residual_ratio=0.5, clip_rate_decay=None)": (
         lambda: gs.split_clip(residual_decay=0.5, max_residual_ratio=0.5, clip_rate_decay=None)

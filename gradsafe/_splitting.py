@@ -142,7 +142,7 @@ def split_clip(
     residual_decay: ScalarOrSchedule = 1.0,
     max_residual_ratio: ScalarOrSchedule | None = 0.25,
     max_residual_norm: ScalarOrSchedule | None = None,
-    clip_rate_decay: float | None = 0.9,
+    clip_rate_decay: float | None = 0.98,
     axis_name: AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Clip, and carry what clipping removed to later steps that have room for it.
