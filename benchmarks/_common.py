@@ -34,6 +34,13 @@ def environment() -> dict[str, Any]:
     }
 
 
+def command_line(script: str, env: dict[str, Any], argv: list[str]) -> str:
+    """The command that produced a run: the environment settings it recorded, then
+    ``python benchmarks/<script> <argv>``."""
+    settings = [f"{key}={value}" for key, value in env.get("env", {}).items()]
+    return " ".join([*settings, f"python benchmarks/{script}", *argv])
+
+
 def leaf_shape(elements: int) -> tuple[int, ...]:
     """A square matrix when ``elements`` is a perfect square (a dense kernel), else a vector."""
     side = math.isqrt(elements)

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 
 # The scripts run as files and are loaded by path in the tests.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment
+from _common import command_line, environment
 from step import hlo_traffic, make_tree
 
 LR, B1, B2, EPS = 1e-4, 0.9, 0.999, 1e-8
@@ -194,9 +194,8 @@ def markdown(report: dict[str, Any]) -> str:
         "# The bar for a guarded Adam step: hand-written programs",
         "",
         f"Measured {env['date']} on {env['backend']} ({env['cpu_count']} CPUs visible), jax"
-        f" {env['jax']}. Produced by `"
-        + " ".join(["python benchmarks/guard_floor.py", *report["argv"]])
-        + f"`; median of {report['repeats']} alternated runs. Each cell: time relative to"
+        f" {env['jax']}. Produced by `{command_line('guard_floor.py', env, report['argv'])}`;"
+        f" median of {report['repeats']} alternated runs. Each cell: time relative to"
         " `bare` / passes over the tree in the optimized HLO / temporary memory above `bare`"
         " in gradient trees.",
         "",

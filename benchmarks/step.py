@@ -50,7 +50,7 @@ import gradsafe as gs
 
 # The scripts run as files (python benchmarks/step.py) and are loaded by path in the tests.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, leaf_shape
+from _common import command_line, environment, leaf_shape
 
 from gradsafe._numerics import RARE_BRANCH
 
@@ -449,12 +449,6 @@ def _cell(figures: dict[str, Any] | None) -> str:
     )
 
 
-def _command(env: dict[str, Any], argv: list[str]) -> str:
-    """The command line of a run, with the environment variables it recorded."""
-    settings = [f"{key}={value}" for key, value in env.get("env", {}).items()]
-    return " ".join([*settings, "python benchmarks/step.py", *argv])
-
-
 def markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
     lines = [
@@ -465,7 +459,7 @@ def markdown(report: dict[str, Any]) -> str:
         f" {env['gradsafe']}. The jitted step `(params, opt_state, grads) -> (params',"
         " opt_state')` with params and state donated; float32 trees; programs alternated,"
         f" median of {report['repeats']} runs after {report['warmup']} warm-up runs."
-        f" Produced by `{_command(env, report['argv'])}`.",
+        f" Produced by `{command_line('step.py', env, report['argv'])}`.",
         "",
         "Each cell: **time relative to the bare step / passes over the tree (bytes moved by the"
         " optimized HLO's kernels, in gradient-tree units) / peak temporary memory above the"

@@ -44,6 +44,7 @@ from gradsafe._numerics import (
     largest,
     leaf_norms_of,
     map_float_leaves,
+    nonnegative,
     peak_magnitude,
     resolve,
     safe_increment,
@@ -288,7 +289,9 @@ def split_clip(
         bound = jnp.where(did_clip, out_norm, state.bound)
         clip_rate = state.clip_rate
         if clip_rate_decay is not None:
-            beta = resolve(clip_rate_decay, state.count)
+            # traced and unchecked under inject_hyperparams: NaN or out of [0, 1] is clamped,
+            # so the rate stays in [0, 1] and the hold-back never widens the room
+            beta = jnp.minimum(nonnegative(resolve(clip_rate_decay, state.count)), 1.0)
             updated = beta * clip_rate + (1 - beta) * did_clip.astype(jnp.float32)
             clip_rate = jnp.where(finite, updated, clip_rate)
         if release == "room":

@@ -202,12 +202,35 @@ def test_jit_and_eager_agree():
         ("max_residual_ratio", lambda: gs.split_clip(max_residual_ratio=-1.0)),
         ("max_residual_ratio", lambda: gs.split_clip(max_residual_ratio=math.nan)),
         ("residual_decay", lambda: gs.split_clip(residual_decay=2.0)),
+        ("clip_rate_decay", lambda: gs.split_clip(clip_rate_decay=1.0)),
+        ("clip_rate_decay", lambda: gs.split_clip(clip_rate_decay=lambda step: 0.9)),
         ("axis_name", lambda: gs.split_clip(axis_name=3)),
     ],
 )
 def test_bad_arguments_name_the_argument(argument, build):
     with pytest.raises(ValueError, match=argument):
         build()
+
+
+@pytest.mark.parametrize("rate_decay", [1.5, -0.5, math.nan])
+def test_traced_out_of_range_clip_rate_decay_never_lets_the_update_past_the_bound(rate_decay):
+    """Under inject_hyperparams the decay is traced and unchecked: a value outside [0, 1) is
+    clamped, so the hold-back never widens the room under the bound."""
+    grads = [jnp.array([3.0, 0.0]), jnp.array([0.0, 0.5]), jnp.array([0.0, 0.5])]
+
+    @jax.jit
+    def run(decay):
+        tx = gs.split_clip(gs.clip_by_global_norm(1.0), clip_rate_decay=decay)
+        state, outputs = tx.init(grads[0]), []
+        for g in grads:
+            u, state = tx.update(g, state)
+            outputs.append(u)
+        return outputs, state
+
+    outputs, state = run(jnp.float32(rate_decay))
+    for u in outputs:
+        assert float(jnp.linalg.norm(u)) <= 1.0 + 1e-6
+    assert 0.0 <= float(state.clip_rate) <= 1.0
 
 
 def test_default_clipper_gets_the_axis_name_inside_shard_map():
