@@ -382,14 +382,37 @@ def pack_small_leaves(leaves: Sequence[jax.Array], axis_name: AxisName = None) -
     return kept
 
 
-def _static_global_norm(tree: Any, norm_type: float, axis_name: AxisName) -> jax.Array:
+def packed_tree(
+    tree: Any, axis_name: AxisName
+) -> tuple[list[jax.Array], Any, Callable[[list[jax.Array], str], jax.Array]]:
+    """The float leaves of ``tree`` packed (:func:`pack_small_leaves`), their accumulation
+    dtype, and ``reduce(values, op)``: per-packed-leaf scalars cast to that dtype, summed
+    (``"sum"``) or maxed (``"max"``) over the tree and the devices of ``axis_name``."""
     dtype = tree_accumulation_dtype(tree)
     leaves = pack_small_leaves(float_leaves(tree), axis_name)
-    if not leaves:
-        return jnp.zeros((), dtype)
 
     def reduce(values: list[jax.Array], op: str) -> jax.Array:
         return reduce_across_devices([v.astype(dtype) for v in values], leaves, axis_name, op)
+
+    return leaves, dtype, reduce
+
+
+def any_nonfinite(tree: Any, axis_name: AxisName = None) -> jax.Array:
+    """Whether any float leaf of ``tree`` has a NaN or Inf entry, on any device.
+
+    One sum per packed leaf of :func:`_nonfinite_flag` (sums propagate NaN on every backend,
+    and over many leaves XLA compiles float sums faster than boolean reductions).
+    """
+    leaves, _, reduce = packed_tree(tree, axis_name)
+    if not leaves:
+        return jnp.array(False)
+    return ~jnp.isfinite(reduce([_nonfinite_flag(x) for x in leaves], "sum"))
+
+
+def _static_global_norm(tree: Any, norm_type: float, axis_name: AxisName) -> jax.Array:
+    leaves, dtype, reduce = packed_tree(tree, axis_name)
+    if not leaves:
+        return jnp.zeros((), dtype)
 
     if norm_type == math.inf:
         return reduce([_leaf_power_sum(x, math.inf) for x in leaves], "max")
@@ -410,13 +433,10 @@ def peak_magnitude(tree: Any, axis_name: AxisName = None) -> jax.Array:
     """The largest magnitude over the float leaves of ``tree``, for scaling trees whose
     entries are finite (NaN entries may be skipped, see ``_leaf_peak``; use
     :func:`global_norm` with ``norm_type=inf`` to see them)."""
-    dtype = tree_accumulation_dtype(tree)
-    leaves = pack_small_leaves(float_leaves(tree), axis_name)
+    leaves, dtype, reduce = packed_tree(tree, axis_name)
     if not leaves:
         return jnp.zeros((), dtype)
-    return reduce_across_devices(
-        [_leaf_peak(x).astype(dtype) for x in leaves], leaves, axis_name, "max"
-    )
+    return reduce([_leaf_peak(x) for x in leaves], "max")
 
 
 def _dispatch_norm_type(norm_type: Any, compute: Callable[[float], Any]) -> Any:
