@@ -17,7 +17,6 @@ as the suite writes them).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -52,23 +51,12 @@ TASKS = ("adding_rnn", "adding_irnn", "transformer", "spiky_regression", "deep_m
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tasks", nargs="*", default=list(TASKS), help="only these tasks")
-    parser.add_argument("--seeds", type=int, default=6, help="seeds per LR (default 6)")
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), help="only these")
-    parser.add_argument(
-        "--out", default=str(Path(__file__).resolve().parent / "results" / "split_clip_variants")
-    )
-    args = parser.parse_args(argv)
-    unknown = set(args.variants) - set(VARIANTS)
-    if unknown:
-        parser.error(f"unknown variants {sorted(unknown)}; known: {list(VARIANTS)}")
-    for name in args.variants:
-        stability.METHODS[name] = stability._before(VARIANTS[name])
-    seeds = ["--seeds", str(args.seeds)]
-    return stability.main(
-        [*seeds, "--out", args.out, "--tasks", *args.tasks, "--methods", *args.variants]
+    return stability.run_variants(
+        {name: stability._before(make) for name, make in VARIANTS.items()},
+        sys.argv[1:] if argv is None else argv,
+        description=__doc__.split("\n")[0],
+        tasks=TASKS,
+        out=Path(__file__).resolve().parent / "results" / "split_clip_variants",
     )
 
 

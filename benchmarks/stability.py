@@ -61,7 +61,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -863,6 +863,35 @@ def plot(task_name: str, task: dict[str, Any], path: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------
+
+
+def run_variants(
+    variants: dict[str, Builder],
+    argv: list[str],
+    *,
+    description: str,
+    tasks: Sequence[str],
+    out: Path,
+    seeds: int = 6,
+) -> int:
+    """Train ``tasks`` with the methods ``variants`` (name -> builder) and write the suite's
+    report to ``out``: the command line of the scripts that compare settings of one method
+    (``--tasks``, ``--seeds``, ``--variants``, ``--out``)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--tasks", nargs="*", default=list(tasks), help="only these tasks")
+    parser.add_argument("--seeds", type=int, default=seeds, help=f"seeds per LR (default {seeds})")
+    parser.add_argument("--variants", nargs="*", default=list(variants), help="only these")
+    parser.add_argument("--out", default=str(out))
+    args = parser.parse_args(argv)
+    unknown = set(args.variants) - set(variants)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; known: {list(variants)}")
+    for name in args.variants:
+        METHODS[name] = variants[name]
+    seeds_arg = ["--seeds", str(args.seeds)]
+    return main(
+        [*seeds_arg, "--out", args.out, "--tasks", *args.tasks, "--methods", *args.variants]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

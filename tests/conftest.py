@@ -51,7 +51,7 @@ SLOW_TESTS = frozenset(
     {
         "test_benchmarks.py",
         "test_stability_benchmark.py::test_quick_run_writes_json_markdown_and_plots",
-        "test_split_clip_variants.py::test_a_small_run_reports_every_variant_asked_for",
+        "test_variant_scripts.py::test_a_small_run_reports_every_variant_asked_for",
         "test_clipping.py::test_block_rms_reaches_target_like_optax_tests",
         "test_clipping.py::test_leaf_norm_property",
         "test_clipping.py::test_block_rms_property",

@@ -1,0 +1,60 @@
+"""The scripts that compare settings of one method on the stability suite's tasks
+(benchmarks/split_clip_variants.py, benchmarks/skip_on_spike_bounds.py): their variants build,
+bad names are rejected, and a small run reports every variant asked for."""
+
+import json
+import math
+from pathlib import Path
+
+import jax.numpy as jnp
+import optax
+import pytest
+from scripts import load_script
+
+ROOT = Path(__file__).resolve().parents[1]
+split_clip = load_script(ROOT / "benchmarks" / "split_clip_variants.py", "split_clip_variants")
+skip_bounds = load_script(ROOT / "benchmarks" / "skip_on_spike_bounds.py", "skip_on_spike_bounds")
+SCRIPTS = {"split_clip_variants": split_clip, "skip_on_spike_bounds": skip_bounds}
+
+
+def test_every_split_clip_variant_builds_and_clips():
+    params = {"w": jnp.ones((3, 2), jnp.float32)}
+    grads = {"w": jnp.full((3, 2), 5.0, jnp.float32)}
+    for name, make in split_clip.VARIANTS.items():
+        tx = make()
+        updates, _ = tx.update(grads, tx.init(params), params)
+        assert float(jnp.linalg.norm(updates["w"])) <= 1.0 + 1e-6, name  # all clip at 1
+
+
+def test_every_skip_on_spike_bound_builds_and_takes_a_step():
+    params = {"w": jnp.ones(2, jnp.float32)}
+    for name, build in skip_bounds.VARIANTS.items():
+        tx = optax.with_extra_args_support(build(optax.sgd(0.1), 10))
+        updates, _ = tx.update({"w": jnp.ones(2)}, tx.init(params), params, value=jnp.array(1.0))
+        assert jnp.allclose(updates["w"], -0.1), name
+
+
+def test_skip_on_spike_bounds_cover_every_task_of_the_suite():
+    tasks = skip_bounds.stability.build_tasks(quick=True)
+    assert list(skip_bounds.TASKS) == [task.name for task in tasks]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_unknown_variant_is_rejected(script, capsys):
+    with pytest.raises(SystemExit):
+        SCRIPTS[script].main(["--variants", "no_such_variant"])
+    assert "no_such_variant" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_small_run_reports_every_variant_asked_for(script, tmp_path):
+    names = list(SCRIPTS[script].VARIANTS)[:2]
+    argv = ["--tasks", "deep_mlp", "--seeds", "1", "--variants", *names, "--out", str(tmp_path)]
+    assert SCRIPTS[script].main(argv) == 0
+    report = json.loads((tmp_path / "stability.json").read_text())
+    assert report["seeds"] == 1 and list(report["tasks"]) == ["deep_mlp"]
+    entries = report["tasks"]["deep_mlp"]["methods"]
+    assert set(entries) == set(names)
+    lrs = report["tasks"]["deep_mlp"]["lrs"]
+    assert all(entries[n]["runs"] == len(lrs) for n in names)  # one seed at every LR
+    assert all(math.isfinite(float(entries[n]["best_lr_median_final_loss"])) for n in names)
