@@ -719,7 +719,7 @@ def skip_on_spike(
         # overflows counts as a spike (refusing it forever would freeze the run).
         give_up = jnp.array(False)
         if max_consecutive_skips is not None:
-            give_up = state.consecutive_skips >= max_consecutive_skips
+            give_up = (state.consecutive_skips >= max_consecutive_skips) & (loss_spike | norm_spike)
             loss_spike = loss_spike & ~give_up
             norm_spike = norm_spike & ~give_up
         reason = _first_reason(
@@ -736,7 +736,8 @@ def skip_on_spike(
         loss_window, loss_count = _push(
             state.loss_window, state.loss_count, loss, record & jnp.isfinite(loss)
         )
-        # Re-base the statistics on the accepted new level.
+        # Re-base the statistics on the accepted new level (only where a spike was let
+        # through: an ordinary step after a run of refusals keeps the windows).
         rebase = give_up & ~outcome.skipped
         kept_norm = jnp.where(norm_overflows, jnp.float32(0), norm)
         norm_window, norm_count = _restart(norm_window, norm_count, kept_norm, rebase)

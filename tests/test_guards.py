@@ -229,9 +229,12 @@ def test_extra_args_reach_a_plain_inner_transform():
 # ------------------------------------------------------------------------------------------
 
 
-def spike_reference(losses, norms, *, sigma, window, min_history, watch, record_refused=False):
+def spike_reference(
+    losses, norms, *, sigma, window, min_history, watch, record_refused=False, max_consecutive=3
+):
     """Plain-Python model of skip_on_spike's decisions (reasons) for finite gradients."""
     loss_hist, norm_hist, reasons = [], [], []
+    refused_in_a_row = 0
 
     def spikes(x, hist):
         if len(hist) < min_history:
@@ -240,15 +243,23 @@ def spike_reference(losses, norms, *, sigma, window, min_history, watch, record_
         return x - values.mean() > sigma * values.std(ddof=1)
 
     for loss, norm in zip(losses, norms, strict=True):
+        loss_spike = "loss" in watch and np.isfinite(loss) and spikes(loss, loss_hist)
+        norm_spike = "norm" in watch and (not np.isfinite(norm) or spikes(norm, norm_hist))
+        # after max_consecutive refusals in a row, a spike is a new level: accepted, and the
+        # windows restart from it
+        new_level = refused_in_a_row >= max_consecutive and (loss_spike or norm_spike)
         if not np.isfinite(loss):
             reason = "nonfinite_loss"
-        elif "loss" in watch and spikes(loss, loss_hist):
+        elif loss_spike and not new_level:
             reason = "loss_spike"
-        elif "norm" in watch and (not np.isfinite(norm) or spikes(norm, norm_hist)):
+        elif norm_spike and not new_level:
             reason = "norm_spike"
         else:
             reason = "accepted"
         reasons.append(reason)
+        refused_in_a_row = 0 if reason == "accepted" else refused_in_a_row + 1
+        if new_level and reason == "accepted":
+            loss_hist, norm_hist = [], []
         if reason == "accepted" or record_refused:
             if np.isfinite(loss):
                 loss_hist.append(loss)

@@ -129,6 +129,15 @@ def test_jit_and_eager_agree():
         jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+def test_an_ordinary_step_after_a_run_of_refusals_keeps_the_windows():
+    tx = gs.skip_on_spike(optax.sgd(0.1), window=8, min_history=4, max_consecutive_skips=2)
+    nan_grads = [jnp.ones(2)] * 6 + [jnp.full(2, jnp.nan)] * 3 + [jnp.ones(2)]
+    states = run(tx, BASE + [1.0] * 4, grads=nan_grads)
+    assert [bool(s.skipped) for s in states[6:]] == [True, True, True, False]
+    # only a spike let through re-bases the statistics; this step was no spike
+    assert int(states[-1].loss_count) == 7 and int(states[-1].norm_count) == 7
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "8", True])
 def test_bad_max_consecutive_skips_names_the_argument(bad):
     with pytest.raises(ValueError, match="max_consecutive_skips"):
