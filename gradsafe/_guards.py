@@ -283,6 +283,10 @@ def _guarded_update(
             out, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
             return out, new_inner, reason
 
+        if is_traced(accept):
+            # Traced once: eval_shape and the cond's branch share one trace of the inner
+            # update (jit caches it), which halves the tracing time on large trees.
+            run = jax.jit(run)
         shape = jax.eval_shape(run)
 
         def refuse() -> tuple[Any, Any, jax.Array]:

@@ -797,6 +797,11 @@ def accumulate(
         def inner_update(grads: Any, inner_state: Any) -> Any:
             return inner_tx.update(grads, inner_state, params, **extra_args)
 
+        if is_traced(emit):
+            # One trace of the inner update for both branches (jit caches it for wait's
+            # eval_shape and step's call), not two.
+            inner_update = jax.jit(inner_update)
+
         def step(grads: Any, inner_state: Any) -> Any:
             new_updates, new_state = inner_update(grads, inner_state)
             # Keep the state's dtypes (and weak types) fixed so both branches agree.

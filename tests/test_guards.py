@@ -136,6 +136,40 @@ def test_nonfinite_sentinels_already_in_the_state_are_not_refusals():
     np.testing.assert_array_equal(updates, [1.0, 1.0])
 
 
+def counting(inner):
+    """``inner`` with a counter of how many times its ``update`` is called (traced)."""
+    calls = []
+
+    def update(updates, state, params=None, **extra_args):
+        calls.append(1)
+        return inner.update(updates, state, params)
+
+    return optax.GradientTransformationExtraArgs(inner.init, update), calls
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda inner: gs.skip_nonfinite(inner),
+        lambda inner: gs.stabilize(inner),
+        lambda inner: gs.accumulate(inner, 2),
+    ],
+    ids=["skip_nonfinite", "stabilize", "accumulate"],
+)
+def test_the_inner_update_is_traced_once_under_jit(wrap):
+    # The refusing branch needs the inner update's output shapes; tracing it a second time
+    # for them doubled the tracing time on large trees.
+    inner, calls = counting(optax.sgd(0.1, momentum=0.9))
+    tx = wrap(inner)
+    params = {"a": jnp.ones(3), "b": jnp.ones((2, 2))}
+    state = tx.init(params)
+    jax.jit(lambda g, s: tx.update(g, s, params)).lower(params, state)
+    assert len(calls) == 1
+    calls.clear()
+    tx.update(params, state, params)  # eager: the branch taken runs, nothing is compiled
+    assert len(calls) >= 1
+
+
 def test_counters_consecutive_and_total():
     tx = gs.skip_nonfinite(optax.sgd(1.0))
     state = tx.init(jnp.zeros(1))
