@@ -414,6 +414,9 @@ COMPILE_PROGRAMS: dict[str, Callable[[], Transform]] = {
     "gs.skip_nonfinite(adam)": lambda: gs.skip_nonfinite(optax.adam(1e-3)),
     "optax.apply_if_finite(adam, 1000)": lambda: optax.apply_if_finite(optax.adam(1e-3), 1000),
     "gs.stabilize(adam)": lambda: gs.stabilize(optax.adam(1e-3)),
+    "gs.stabilize(adam, limit_updates=False)": lambda: gs.stabilize(
+        optax.adam(1e-3), limit_updates=False
+    ),
     "apply_if_finite(chain(optax.clip_by_global_norm(1.0), adam), 1000)": lambda: (
         optax.apply_if_finite(optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3)), 1000)
     ),
