@@ -29,6 +29,7 @@ function as a schedule.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -694,14 +695,16 @@ def clip_update_relative(
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         require_params(params)
-        values_in = _resolver((relative, absolute), state.count)
+        resolved = _resolver((relative, absolute), state.count)
+        # traced values out of range must not amplify: clamped once per dtype, not per leaf
+        values_in = functools.cache(lambda dtype: [nonnegative(v) for v in resolved(dtype)])
         scales: list[jax.Array] = []
 
         def clip_leaf(u: jax.Array, w: jax.Array) -> jax.Array:
             real = accumulation_dtype(compute_dtype(u.dtype, w.dtype))
             r_now, a_now = values_in(real)
             size = jnp.abs(u).astype(real)
-            bound = nonnegative(r_now) * jnp.abs(w).astype(real) + nonnegative(a_now)
+            bound = r_now * jnp.abs(w).astype(real) + a_now
             # An entry whose bound is not finite (a NaN or Inf parameter) imposes none.
             limit = jnp.where(jnp.isfinite(bound), bound, jnp.inf)
             ratio = clip_factor(size, limit, exact_zero=True)
