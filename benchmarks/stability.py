@@ -877,7 +877,7 @@ def run_variants(
     description: str,
     tasks: Sequence[str],
     out: Path,
-    seeds: int = 6,
+    seeds: int = SEEDS,
 ) -> int:
     """Train ``tasks`` with the methods ``variants`` (name -> builder) and write the suite's
     report to ``out``: the command line of the scripts that compare settings of one method

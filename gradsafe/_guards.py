@@ -73,6 +73,7 @@ from gradsafe._numerics import (
     packed_tree,
     resolve,
     safe_increment,
+    trace_once,
     zero_count,
     zero_scalar,
 )
@@ -283,11 +284,7 @@ def _guarded_update(
             out, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
             return out, new_inner, reason
 
-        if is_traced(accept):
-            # Traced once: eval_shape and the cond's branch share one trace of the inner
-            # update (jit caches it), which halves the tracing time on large trees.
-            run = jax.jit(run)
-        shape = jax.eval_shape(run)
+        run, shape = trace_once(run, accept)
 
         def refuse() -> tuple[Any, Any, jax.Array]:
             overflow = (reason == NONFINITE_GRADIENT) & ~any_nonfinite(updates, axis_name)
@@ -483,6 +480,7 @@ def skip_nonfinite(
     "reason",
     "consecutive_skips",
     "total_skips",
+    "spike_skips",
     "norm",
     "loss",
     "norm_mean",
@@ -495,6 +493,9 @@ class SkipOnSpikeState(NamedTuple):
 
     Attributes:
       skipped, reason, consecutive_skips, total_skips: as in :class:`SkipNonfiniteState`.
+      spike_skips: refusals as a spike in a row (int32); a refusal of a non-finite value
+        neither counts nor resets it. After ``max_consecutive_skips`` of them a spike is taken
+        as a new level.
       norm: the global norm of the last incoming gradient (float32).
       loss: the last loss (extra arg ``value``), NaN when none was passed.
       norm_mean, norm_std, loss_mean, loss_std: the window statistics the last step was compared
@@ -508,6 +509,7 @@ class SkipOnSpikeState(NamedTuple):
     reason: jax.Array
     consecutive_skips: jax.Array
     total_skips: jax.Array
+    spike_skips: jax.Array
     norm: jax.Array
     loss: jax.Array
     norm_mean: jax.Array
@@ -544,6 +546,10 @@ def _push(window: jax.Array, count: jax.Array, value: jax.Array, keep: jax.Array
         jnp.where(keep, shifted, window),
         jnp.where(keep, jnp.minimum(count + 1, size), count).astype(jnp.int32),
     )
+
+
+def _is_spike(reason: jax.Array) -> jax.Array:
+    return (reason == LOSS_SPIKE) | (reason == NORM_SPIKE)
 
 
 def _restart(window: jax.Array, count: jax.Array, value: jax.Array, where: jax.Array):
@@ -589,8 +595,9 @@ def skip_on_spike(
 
     A spike is brief; a lasting jump of the loss or the norm is a new level, and refusing it
     would freeze training for good (refused values never enter the window, so the statistics
-    would never move). So after ``max_consecutive_skips`` refusals in a row, the next step
-    that is refused only as a spike is accepted instead, and the statistics are re-based on
+    would never move). So after ``max_consecutive_skips`` refusals as a spike in a row
+    (refusals of non-finite values neither count nor break the run), the next step that is
+    refused only as a spike is accepted instead, and the statistics are re-based on
     it: both windows restart from that step's values, and spikes are refused again once they
     hold ``min_history`` values. The default bound is short because a refusal undoes
     nothing: the loss of step :math:`t` is measured at the parameters that step :math:`t - 1`
@@ -623,8 +630,9 @@ def skip_on_spike(
         an integer in ``[2, window]``.
       watch: which of ``"loss"`` and ``"norm"`` can trigger a refusal.
       record_refused: whether refused (finite) values also enter the window.
-      max_consecutive_skips: refusals in a row after which a spike is taken as a new level
-        (accepted, statistics re-based), an integer ``>= 1``, or None to refuse it forever.
+      max_consecutive_skips: refusals as a spike in a row after which a spike is taken as a
+        new level (accepted, statistics re-based), an integer ``>= 1``, or None to refuse it
+        forever.
       axis_name: mesh axis name(s) over which all devices must refuse together.
 
     Returns:
@@ -677,6 +685,7 @@ def skip_on_spike(
     def init_fn(params: Any) -> SkipOnSpikeState:
         return SkipOnSpikeState(
             **_initial_counters(),
+            spike_skips=zero_count(),
             norm=zero_scalar(),
             loss=jnp.full([], jnp.nan, jnp.float32),
             norm_mean=zero_scalar(),
@@ -716,13 +725,13 @@ def skip_on_spike(
             loss_ready = state.loss_count >= min_history
             loss_spike = loss_ready & (loss - loss_mean > threshold * loss_std) & ("loss" in watch)
 
-        # After max_consecutive_skips refusals in a row a spike is a new level: give up
-        # refusing it. Only a spike: a NaN/Inf gradient entry or loss is still refused, and
+        # After max_consecutive_skips spike refusals in a row a spike is a new level: give
+        # up refusing it. Only a spike: a NaN/Inf gradient entry or loss is still refused, and
         # the inner update and state are still checked; a finite gradient whose norm
         # overflows counts as a spike (refusing it forever would freeze the run).
         give_up = jnp.array(False)
         if max_consecutive_skips is not None:
-            give_up = (state.consecutive_skips >= max_consecutive_skips) & (loss_spike | norm_spike)
+            give_up = (state.spike_skips >= max_consecutive_skips) & (loss_spike | norm_spike)
             loss_spike = loss_spike & ~give_up
             norm_spike = norm_spike & ~give_up
         reason = _first_reason(
@@ -751,6 +760,13 @@ def skip_on_spike(
             reason=outcome.reason,
             consecutive_skips=outcome.consecutive_skips,
             total_skips=outcome.total_skips,
+            spike_skips=jnp.where(
+                outcome.skipped,
+                jnp.where(
+                    _is_spike(outcome.reason), safe_increment(state.spike_skips), state.spike_skips
+                ),
+                0,
+            ),
             norm=norm,
             loss=loss,
             norm_mean=norm_mean,

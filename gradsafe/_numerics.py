@@ -40,6 +40,11 @@ from gradsafe._checks import (
     require_params,  # noqa: F401
 )
 
+try:  # the tracer of values that jit stages out (see trace_once)
+    from jax.interpreters.partial_eval import DynamicJaxprTracer as _StagingTracer
+except ImportError:  # pragma: no cover - a JAX without the name: trace_once traces twice
+    _StagingTracer = ()  # type: ignore[assignment,misc]
+
 AxisName = str | tuple[str, ...] | None
 Schedule = Callable[[jax.Array], jax.typing.ArrayLike]
 ScalarOrSchedule = float | jax.typing.ArrayLike | Schedule
@@ -227,6 +232,21 @@ def cond(pred: jax.Array, true_fn: Callable[..., Any], false_fn: Callable[..., A
         return jax.lax.cond(pred, true_fn, false_fn, *args)
     taken = true_fn(*args) if bool(pred) else false_fn(*args)
     return jax.tree.map(jnp.asarray, taken)  # arrays, as lax.cond returns
+
+
+def trace_once(fn: Callable[[], Any], value: Any) -> tuple[Callable[[], Any], Any]:
+    """``fn`` (no arguments) and the shapes of its result, for a ``lax.cond`` branch that
+    calls it and a branch that needs its shapes.
+
+    When ``value`` (any array of the computation) is being staged out by ``jit``, ``fn`` is
+    wrapped in ``jax.jit``: the shapes and the branch then share one trace of ``fn`` (jit
+    caches it), not two; the trace of an optimizer's update is most of the time to compile a
+    step on a tree of many leaves. Otherwise (eager, or under ``vmap``/``grad`` without
+    ``jit``, where a fresh ``jax.jit`` would compile on every call) ``fn`` is returned as is.
+    """
+    if isinstance(value, _StagingTracer):
+        fn = jax.jit(fn)
+    return fn, jax.eval_shape(fn)
 
 
 # --------------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ from gradsafe._numerics import (
     safe_sqrt,
     scale_leaf,
     scale_tree,
+    trace_once,
     tree_accumulation_dtype,
     zero_count,
 )
@@ -794,16 +795,14 @@ def accumulate(
         mean = jax.tree.map(lambda g, m: m.astype(g.dtype) if is_float_leaf(g) else g, updates, acc)
         emit = state.mini_step == k - 1
 
-        def inner_update(grads: Any, inner_state: Any) -> Any:
-            return inner_tx.update(grads, inner_state, params, **extra_args)
+        def inner_update() -> Any:
+            return inner_tx.update(mean, state.inner_state, params, **extra_args)
 
-        if is_traced(emit):
-            # One trace of the inner update for both branches (jit caches it for wait's
-            # eval_shape and step's call), not two.
-            inner_update = jax.jit(inner_update)
+        inner_update, shapes = trace_once(inner_update, emit)
 
         def step(grads: Any, inner_state: Any) -> Any:
-            new_updates, new_state = inner_update(grads, inner_state)
+            del grads
+            new_updates, new_state = inner_update()
             # Keep the state's dtypes (and weak types) fixed so both branches agree.
             new_state = jax.tree.map(
                 lambda new, old: jax.lax.convert_element_type(new, jnp.result_type(old)),
@@ -813,8 +812,7 @@ def accumulate(
             return new_updates, new_state
 
         def wait(grads: Any, inner_state: Any) -> Any:
-            shapes = jax.eval_shape(inner_update, grads, inner_state)[0]
-            zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+            zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes[0])
             if jax.tree.structure(zeros) == jax.tree.structure(grads):
                 # Integer, bool and float0 leaves pass through, as on the emitting calls.
                 zeros = jax.tree.map(_keep_non_float, zeros, grads)

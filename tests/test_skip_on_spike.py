@@ -138,6 +138,19 @@ def test_an_ordinary_step_after_a_run_of_refusals_keeps_the_windows():
     assert int(states[-1].loss_count) == 7 and int(states[-1].norm_count) == 7
 
 
+def test_refusals_of_nonfinite_values_do_not_count_toward_the_bound():
+    tx = gs.skip_on_spike(optax.sgd(0.1), window=8, min_history=4, max_consecutive_skips=2)
+    grads = [jnp.ones(2)] * 6 + [jnp.full(2, jnp.nan)] * 3 + [jnp.ones(2)] * 3
+    states = run(tx, [*BASE, 1.0, 1.0, 1.0, 50.0, 50.0, 50.0], grads=grads)
+    # three NaN refusals, then a spike: still refused, twice, and only then taken as a level
+    assert [gs.SKIP_REASONS[int(s.reason)] for s in states[6:]] == [
+        "nonfinite_gradient", "nonfinite_gradient", "nonfinite_gradient",
+        "loss_spike", "loss_spike", "accepted",
+    ]  # fmt: skip
+    assert [int(s.spike_skips) for s in states[6:]] == [0, 0, 0, 1, 2, 0]
+    assert int(states[-1].loss_count) == 1  # re-based on the new level
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "8", True])
 def test_bad_max_consecutive_skips_names_the_argument(bad):
     with pytest.raises(ValueError, match="max_consecutive_skips"):
