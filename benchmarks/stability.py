@@ -42,7 +42,7 @@ LR, log axes, one line per method) in ``--out`` (default ``benchmarks/results``)
 
 Run::
 
-    python benchmarks/stability.py                        # full grid (about 15 min, 2 cores)
+    python benchmarks/stability.py                        # full grid (about 25 min, 2 cores)
     python benchmarks/stability.py --quick --out /tmp/s   # reduced grid and methods, < 2 min
     python benchmarks/stability.py --tasks deep_mlp --methods none "gs.stabilize(opt)"
     python benchmarks/stability.py --methods "gs.split_clip()" --merge   # rerun one method

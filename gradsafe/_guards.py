@@ -284,9 +284,10 @@ def _guarded_update(
             out, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
             return out, new_inner, reason
 
-        run, shape = trace_once(run, accept)
+        run, shapes = trace_once(run, accept)
 
         def refuse() -> tuple[Any, Any, jax.Array]:
+            shape = shapes()
             overflow = (reason == NONFINITE_GRADIENT) & ~any_nonfinite(updates, axis_name)
             old = jax.tree.map(_as_shape, state.inner_state, shape[1])
             refined = _as_shape(jnp.where(overflow, GRADIENT_OVERFLOW, reason), shape[2])
@@ -548,8 +549,11 @@ def _push(window: jax.Array, count: jax.Array, value: jax.Array, keep: jax.Array
     )
 
 
-def _is_spike(reason: jax.Array) -> jax.Array:
-    return (reason == LOSS_SPIKE) | (reason == NORM_SPIKE)
+def _spike_run(run: jax.Array, reason: jax.Array) -> jax.Array:
+    """Refusals as a spike in a row after a step refused or accepted for ``reason``: one more
+    after a spike, 0 after an accepted step, unchanged after a non-finite refusal."""
+    spike = (reason == LOSS_SPIKE) | (reason == NORM_SPIKE)
+    return jnp.where(spike, safe_increment(run), jnp.where(reason == ACCEPTED, 0, run))
 
 
 def _restart(window: jax.Array, count: jax.Array, value: jax.Array, where: jax.Array):
@@ -760,13 +764,7 @@ def skip_on_spike(
             reason=outcome.reason,
             consecutive_skips=outcome.consecutive_skips,
             total_skips=outcome.total_skips,
-            spike_skips=jnp.where(
-                outcome.skipped,
-                jnp.where(
-                    _is_spike(outcome.reason), safe_increment(state.spike_skips), state.spike_skips
-                ),
-                0,
-            ),
+            spike_skips=_spike_run(state.spike_skips, outcome.reason),
             norm=norm,
             loss=loss,
             norm_mean=norm_mean,

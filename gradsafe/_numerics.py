@@ -16,6 +16,7 @@ Leaf rules:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -234,19 +235,21 @@ def cond(pred: jax.Array, true_fn: Callable[..., Any], false_fn: Callable[..., A
     return jax.tree.map(jnp.asarray, taken)  # arrays, as lax.cond returns
 
 
-def trace_once(fn: Callable[[], Any], value: Any) -> tuple[Callable[[], Any], Any]:
-    """``fn`` (no arguments) and the shapes of its result, for a ``lax.cond`` branch that
-    calls it and a branch that needs its shapes.
+def trace_once(fn: Callable[[], Any], value: Any) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """``fn`` (no arguments) and a function giving the shapes of its result, for a
+    ``lax.cond`` branch that calls ``fn`` and a branch that needs only its shapes.
 
     When ``value`` (any array of the computation) is being staged out by ``jit``, ``fn`` is
     wrapped in ``jax.jit``: the shapes and the branch then share one trace of ``fn`` (jit
     caches it), not two; the trace of an optimizer's update is most of the time to compile a
     step on a tree of many leaves. Otherwise (eager, or under ``vmap``/``grad`` without
     ``jit``, where a fresh ``jax.jit`` would compile on every call) ``fn`` is returned as is.
+    The shapes are computed on first use, so an eager step that does not need them (the
+    branch taken runs ``fn``) does not trace ``fn`` for them.
     """
     if isinstance(value, _StagingTracer):
         fn = jax.jit(fn)
-    return fn, jax.eval_shape(fn)
+    return fn, functools.cache(lambda: jax.eval_shape(fn))
 
 
 # --------------------------------------------------------------------------------------------

@@ -812,7 +812,7 @@ def accumulate(
             return new_updates, new_state
 
         def wait(grads: Any, inner_state: Any) -> Any:
-            zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes[0])
+            zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes()[0])
             if jax.tree.structure(zeros) == jax.tree.structure(grads):
                 # Integer, bool and float0 leaves pass through, as on the emitting calls.
                 zeros = jax.tree.map(_keep_non_float, zeros, grads)

@@ -168,6 +168,20 @@ def test_the_inner_update_is_traced_once_under_jit(wrap):
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize(
+    "wrap",
+    [lambda inner: gs.skip_nonfinite(inner), lambda inner: gs.accumulate(inner, 1)],
+    ids=["skip_nonfinite", "accumulate"],
+)
+def test_an_eager_accepted_step_calls_the_inner_update_once(wrap):
+    # the refusing branch's shapes are computed only when that branch is taken
+    inner, calls = counting(optax.sgd(0.1, momentum=0.9))
+    tx = wrap(inner)
+    params = {"a": jnp.ones(3)}
+    tx.update(params, tx.init(params), params)
+    assert len(calls) == 1
+
+
 def test_eager_vmap_compiles_nothing_on_later_calls(caplog):
     # under vmap without jit, a fresh jax.jit of the inner update would compile on every call
     tx = gs.skip_nonfinite(optax.sgd(0.1, momentum=0.9))
@@ -280,6 +294,7 @@ def spike_reference(
     """Plain-Python model of skip_on_spike's decisions (reasons) for finite gradients."""
     loss_hist, norm_hist, reasons = [], [], []
     spike_refusals = 0  # in a row; a refusal of a non-finite loss neither counts nor resets
+    bound = np.inf if max_consecutive is None else max_consecutive
 
     def spikes(x, hist):
         if len(hist) < min_history:
@@ -292,7 +307,6 @@ def spike_reference(
         norm_spike = "norm" in watch and (not np.isfinite(norm) or spikes(norm, norm_hist))
         # after max_consecutive spike refusals in a row, a spike is a new level: accepted, and
         # the windows restart from it
-        bound = np.inf if max_consecutive is None else max_consecutive
         new_level = spike_refusals >= bound and (loss_spike or norm_spike)
         if not np.isfinite(loss):
             reason = "nonfinite_loss"
