@@ -32,11 +32,15 @@ import stability
 # name -> the clipper put in front of each task's optimizer
 VARIANTS: dict[str, Callable[[], optax.GradientTransformation]] = {
     "gs.clip_by_global_norm(1.0)": lambda: gs.clip_by_global_norm(1.0),
-    "split_clip(max_residual_ratio=1.0, clip_rate_decay=None)": lambda: gs.split_clip(
-        max_residual_ratio=1.0, clip_rate_decay=None
+    "split_clip(max_residual_ratio=1.0, clip_rate_decay=None, explosion_ratio=None)": (
+        lambda: gs.split_clip(max_residual_ratio=1.0, clip_rate_decay=None, explosion_ratio=None)
     ),
     "split_clip(clip_rate_decay=None)": lambda: gs.split_clip(clip_rate_decay=None),
-    "split_clip() (max_residual_ratio=0.25, clip_rate_decay=0.98)": lambda: gs.split_clip(),
+    "split_clip() (max_residual_ratio=0.25, clip_rate_decay=0.98, explosion_ratio=2.0)": (
+        lambda: gs.split_clip()
+    ),
+    "split_clip(explosion_ratio=None)": lambda: gs.split_clip(explosion_ratio=None),
+    "split_clip(explosion_ratio=4.0)": lambda: gs.split_clip(explosion_ratio=4.0),
     "split_clip(clip_rate_decay=0.9)": lambda: gs.split_clip(clip_rate_decay=0.9),
     "split_clip(max_residual_ratio=1.0)": lambda: gs.split_clip(max_residual_ratio=1.0),
     "split_clip(residual_decay=0.5, max_residual_ratio=0.5, clip_rate_decay=None)": (

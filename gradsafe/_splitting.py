@@ -104,8 +104,8 @@ class SplitClipState(NamedTuple):
       residual_norm: the global norm of the residual carried to the next step.
       bound: :math:`b`, the global norm of the clipper's output at the last step where it
         clipped (0 before the first): the size the applied update is allowed to reach.
-      clip_rate: :math:`\\rho`, the running share of steps on which the clipper clipped (0
-        without ``clip_rate_decay``).
+      clip_rate: :math:`\\rho`, the running share of steps on which the clipper clipped, set to
+        1 by an explosion (0 without ``clip_rate_decay``).
       residual: the carried part, one buffer per float leaf (float32, or the leaf's dtype when
         wider: float64, complex64, complex128); ``MaskedNode`` for other leaves.
       clip_state: the state of the clipper.
@@ -145,6 +145,7 @@ def split_clip(
     max_residual_ratio: ScalarOrSchedule | None = 0.25,
     max_residual_norm: ScalarOrSchedule | None = None,
     clip_rate_decay: float | None = 0.98,
+    explosion_ratio: ScalarOrSchedule | None = 2.0,
     axis_name: AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Clip, and carry what clipping removed to later steps that have room for it.
@@ -175,7 +176,15 @@ def split_clip(
     * ``release="always"``: U-Clip as published, :math:`u_t = C(v_t)`: the residual re-enters
       at every step, also when the gradient is already at the bound.
 
-    In both, :math:`r_t = v_t - u_t`, then scaled down to the cap
+    A step where :math:`C` shrank the gradient it saw by more than :math:`e` =
+    ``explosion_ratio`` (:math:`\\|C(x)\\| < \\|x\\| / e`) is an explosion, not a sample from
+    the tail of the gradient noise that U-Clip's analysis repays: nothing of it is carried,
+    the residual built on the way up is dropped (:math:`r_t = 0`) and :math:`\\rho_t` is set
+    to 1 (with ``clip_rate_decay``), so the release is held back as after a run of clipped
+    steps and comes back only as the clipper falls idle. Carrying an explosion's excess
+    replays it: EXPLOSION_NUMBERS
+
+    In both, :math:`r_t = v_t - u_t` (0 after an explosion), then scaled down to the cap
     :math:`\\min(k\\,b_t, R)` with :math:`k` = ``max_residual_ratio`` and :math:`R` =
     ``max_residual_norm`` (either None: no such cap). With :math:`\\gamma = 1` and no cap
     nothing is lost: :math:`\\sum_{i \\le t} u_i + r_t = \\sum_{i \\le t} g_i`. The caps and the
@@ -213,6 +222,9 @@ def split_clip(
         no cap; a number or a schedule.
       clip_rate_decay: :math:`\\beta \\in [0, 1)` of the running clip rate that scales the
         room (``release="room"`` only), or None to release into all the room.
+      explosion_ratio: :math:`e \\ge 1`: a step the clipper shrinks by more than this factor
+        drops the residual and resets the clip rate to 1 (see above); a number or a schedule,
+        or None to carry every step's excess.
       axis_name: inside ``shard_map``/``pmap``, the mesh axis name(s) to reduce norms over, so
         every device takes the same decision (the default clipper gets it too; give your own
         clipper the same ``axis_name``).
@@ -224,12 +236,13 @@ def split_clip(
       >>> import jax.numpy as jnp, gradsafe as gs
       >>> tx = gs.split_clip(gs.clip_by_global_norm(1.0))
       >>> state = tx.init(jnp.zeros(1))
-      >>> for g in [3.0, 0.5, 0.0]:  # 3 -> 1 (2 removed, 0.25 kept), then 0.5 + 0.25
-      ...     u, state = tx.update(jnp.array([g]), state)
+      >>> for g in [1.5, 0.5, 0.0, 5.0]:  # 1.5 -> 1 (0.5 removed, 0.25 kept), then 0.5 + 0.25;
+      ...     u, state = tx.update(jnp.array([g]), state)  # 5 -> 1 is an explosion: none kept
       ...     print(float(u[0]), float(state.residual[0]))
       1.0 0.25
       0.75 0.0
       0.0 0.0
+      1.0 0.0
 
     References:
       Elesedy and Hutter, `U-Clip: On-Average Unbiased Stochastic Gradient Clipping
@@ -248,6 +261,8 @@ def split_clip(
         check_scalar("max_residual_ratio", max_residual_ratio)
     if max_residual_norm is not None:
         check_scalar("max_residual_norm", max_residual_norm)
+    if explosion_ratio is not None:
+        check_scalar("explosion_ratio", explosion_ratio, lower=1.0)
     if clip_rate_decay is not None:
         check_scalar(
             "clip_rate_decay", clip_rate_decay, upper=1.0, upper_inclusive=False,
@@ -288,12 +303,19 @@ def split_clip(
         seen_norm = as_float32(seen_norm)
         did_clip = finite & (out_norm < seen_norm)
         bound = jnp.where(did_clip, out_norm, state.bound)
+        exploded = jnp.zeros([], bool)
+        if explosion_ratio is not None:
+            # written as "not within the ratio" so that a traced NaN ratio counts every clipped
+            # step as an explosion: the method then falls back to the plain clip
+            ratio = resolve(explosion_ratio, state.count)
+            exploded = did_clip & ~(seen_norm <= ratio * out_norm)
         clip_rate = state.clip_rate
         if clip_rate_decay is not None:
             # traced and unchecked under inject_hyperparams: NaN or out of [0, 1] is clamped,
             # so the rate stays in [0, 1] and the hold-back never widens the room
             beta = jnp.minimum(nonnegative(resolve(clip_rate_decay, state.count)), 1.0)
             updated = beta * clip_rate + (1 - beta) * did_clip.astype(jnp.float32)
+            updated = jnp.where(exploded, 1.0, updated)
             clip_rate = jnp.where(finite, updated, clip_rate)
         if release == "room":
             carried_peak = peak_magnitude(carried, axis_name)
@@ -313,7 +335,8 @@ def split_clip(
         def carry(g: Any, old: Any, v: Any, u: Any) -> Any:
             if not is_float_leaf(g):
                 return old  # MaskedNode: no residual for this leaf
-            return jnp.where(finite, v - u.astype(v.dtype), old)
+            kept = jnp.where(exploded, jnp.zeros_like(v), v - u.astype(v.dtype))
+            return jnp.where(finite, kept, old)
 
         residual = jax.tree.map(carry, updates, state.residual, combined, applied)
         caps = []

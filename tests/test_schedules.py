@@ -118,7 +118,11 @@ def test_split_clip_residual_decay_follows_a_schedule():
     decay = tolerant(optax.linear_schedule(1.0, 0.0, transition_steps=4))
     grads = [jnp.array([5.0, -3.0]) for _ in range(6)]
     tx = gs.split_clip(
-        gs.clip_by_value(1.0), residual_decay=decay, release="always", max_residual_ratio=None
+        gs.clip_by_value(1.0),
+        residual_decay=decay,
+        release="always",
+        max_residual_ratio=None,
+        explosion_ratio=None,
     )
     state = tx.init(grads[0])
     residual = np.zeros(2)

@@ -7,6 +7,7 @@ import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -31,7 +32,7 @@ def norm(tree):
     return float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in tree.values())))
 
 
-def numpy_room(grads_seq, threshold, decay=1.0, ratio=None, rate_decay=None):
+def numpy_room(grads_seq, threshold, decay=1.0, ratio=None, rate_decay=None, explosion=None):
     """The ``release="room"`` rule with a global-norm clip, in float64 numpy."""
     residual = np.zeros_like(np.asarray(grads_seq[0], np.float64))
     bound = rate = 0.0
@@ -50,6 +51,9 @@ def numpy_room(grads_seq, threshold, decay=1.0, ratio=None, rate_decay=None):
         share = 1.0 if size <= room else room / size
         u = c + share * carried
         residual = g + carried - u
+        if explosion is not None and n > explosion * threshold:  # dropped, release held back
+            residual = np.zeros_like(residual)
+            rate = 1.0 if rate_decay is not None else rate
         if ratio is not None and np.linalg.norm(residual) > ratio * bound:
             residual = residual * ratio * bound / np.linalg.norm(residual)
         outputs.append(u)
@@ -57,11 +61,12 @@ def numpy_room(grads_seq, threshold, decay=1.0, ratio=None, rate_decay=None):
 
 
 @pytest.mark.parametrize(
-    ("decay", "ratio", "rate_decay"),
-    [(1.0, None, None), (0.8, None, None), (1.0, 1.0, None), (0.5, 2.0, None), (1.0, None, 0.9),
-     (0.8, 0.25, 0.5)],
+    ("decay", "ratio", "rate_decay", "explosion"),
+    [(1.0, None, None, None), (0.8, None, None, None), (1.0, 1.0, None, None),
+     (0.5, 2.0, None, None), (1.0, None, 0.9, None), (0.8, 0.25, 0.5, None),
+     (1.0, None, None, 2.0), (1.0, None, 0.9, 7.0), (0.8, 0.25, 0.98, 2.0)],
 )  # fmt: skip
-def test_room_release_matches_numpy(decay, ratio, rate_decay):
+def test_room_release_matches_numpy(decay, ratio, rate_decay, explosion):
     rng = np.random.default_rng(0)
     scales = [0.3, 3.0, 0.2, 0.1, 5.0, 4.0, 0.1, 0.1, 0.1, 0.0, 0.2, 0.3]
     grads = [jnp.asarray(rng.normal(size=5) * s, jnp.float32) for s in scales]
@@ -70,9 +75,10 @@ def test_room_release_matches_numpy(decay, ratio, rate_decay):
         residual_decay=decay,
         max_residual_ratio=ratio,
         clip_rate_decay=rate_decay,
+        explosion_ratio=explosion,
     )
     outputs, states = run_steps(tx, grads)
-    expected, residual = numpy_room(grads, 1.0, decay, ratio, rate_decay)
+    expected, residual = numpy_room(grads, 1.0, decay, ratio, rate_decay, explosion)
     for ours, theirs in zip(outputs, expected, strict=True):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(states[-1].residual, residual, rtol=1e-5, atol=1e-6)
@@ -83,16 +89,50 @@ def test_room_release_is_plain_clipping_while_gradients_stay_large():
     """A run of gradients above the threshold is clipped exactly as by the clipper alone."""
     rng = np.random.default_rng(1)
     grads = [{"w": jnp.asarray(rng.normal(size=(4, 3)) * 10, jnp.float32)} for _ in range(20)]
-    ours, states = run_steps(gs.split_clip(), grads)
     plain, _ = run_steps(gs.clip_by_global_norm(1.0), grads)
-    for a, b in zip(ours, plain, strict=True):
-        np.testing.assert_allclose(a["w"], b["w"], rtol=1e-6)
-    assert float(states[-1].residual_norm) == pytest.approx(0.25, rel=1e-5)  # capped: bound / 4
+    # by default these gradients (norm ~35) are explosions: nothing is carried
+    for explosion, kept in [(2.0, 0.0), (None, 0.25)]:  # without the rule: capped at bound / 4
+        ours, states = run_steps(gs.split_clip(explosion_ratio=explosion), grads)
+        for a, b in zip(ours, plain, strict=True):
+            np.testing.assert_allclose(a["w"], b["w"], rtol=1e-6)
+        assert float(states[-1].residual_norm) == pytest.approx(kept, rel=1e-5, abs=0)
+
+
+def test_an_explosion_drops_the_residual_and_holds_the_release_back():
+    grads = [jnp.array([g]) for g in (1.5, 5.0, 1.5, 0.1)]
+    ours, states = run_steps(gs.split_clip(), grads)
+    # 1.5 -> 1 carries 0.25; 5 -> 1 is a shrink by more than 2: residual dropped, rate 1
+    assert [float(s.residual[0]) for s in states[:2]] == [0.25, 0.0]
+    assert float(states[1].clip_rate) == 1.0
+    # the next moderate clip carries again, but the release waits for the rate to fall:
+    # room (1 - 0.1) * (1 - 0.98) instead of all of the 0.25
+    assert float(states[2].residual[0]) == pytest.approx(0.25)
+    assert float(ours[3][0]) == pytest.approx(0.1 + 0.9 * 0.02, rel=1e-5)
+    without, _ = run_steps(gs.split_clip(explosion_ratio=None), grads)
+    assert float(without[3][0]) == pytest.approx(0.35, rel=1e-5)
+    # release="always" drops an explosion's excess too
+    always, states = run_steps(gs.split_clip(release="always"), [jnp.array([5.0])])
+    assert float(always[0][0]) == 1.0 and float(states[0].residual[0]) == 0.0
+
+
+@pytest.mark.parametrize("bad", [0.5, -1.0, math.nan])
+def test_a_bad_traced_explosion_ratio_falls_back_to_the_plain_clip(bad):
+    rng = np.random.default_rng(3)
+    grads = [jnp.asarray(rng.normal(size=4) * s, jnp.float32) for s in (1.4, 0.2, 1.2, 0.1)]
+    tx = optax.inject_hyperparams(gs.split_clip)(explosion_ratio=2.0)
+    state = tx.init(grads[0])
+    state.hyperparams["explosion_ratio"] = jnp.asarray(bad, jnp.float32)
+    plain, _ = run_steps(gs.clip_by_global_norm(1.0), grads)
+    for g, expected in zip(grads, plain, strict=True):
+        out, state = jax.jit(tx.update)(g, state)
+        np.testing.assert_allclose(out, expected, rtol=1e-6)  # nothing carried or released
+        assert float(state.inner_state.residual_norm) == 0.0
 
 
 def test_room_release_pays_the_residual_back_on_quiet_steps():
     grads = [jnp.array([10.0])] + [jnp.array([0.25])] * 5
-    ours, states = run_steps(gs.split_clip(max_residual_ratio=3.0, clip_rate_decay=None), grads)
+    tx = gs.split_clip(max_residual_ratio=3.0, clip_rate_decay=None, explosion_ratio=None)
+    ours, states = run_steps(tx, grads)
     assert [float(u[0]) for u in ours] == [1.0, 1.0, 1.0, 1.0, 1.0, 0.25]
     assert [float(s.residual[0]) for s in states] == [3.0, 2.25, 1.5, 0.75, 0.0, 0.0]
 
@@ -204,6 +244,9 @@ def test_jit_and_eager_agree():
         ("residual_decay", lambda: gs.split_clip(residual_decay=2.0)),
         ("clip_rate_decay", lambda: gs.split_clip(clip_rate_decay=1.0)),
         ("clip_rate_decay", lambda: gs.split_clip(clip_rate_decay=lambda step: 0.9)),
+        ("explosion_ratio", lambda: gs.split_clip(explosion_ratio=0.5)),
+        ("explosion_ratio", lambda: gs.split_clip(explosion_ratio=math.inf)),
+        ("explosion_ratio", lambda: gs.split_clip(explosion_ratio="2")),
         ("axis_name", lambda: gs.split_clip(axis_name=3)),
     ],
 )

@@ -113,7 +113,7 @@ def test_split_clip_conserves_gradient_mass_over_1000_steps():
     steps, size = 1000, 8
     rng = np.random.default_rng(0)
     grads = rng.standard_cauchy(size=(steps, size)).astype(np.float32)  # heavy tails: spikes
-    tx = gs.split_clip(gs.clip_by_global_norm(1.0), max_residual_ratio=None)
+    tx = gs.split_clip(gs.clip_by_global_norm(1.0), max_residual_ratio=None, explosion_ratio=None)
 
     def body(state, g):
         updates, state = tx.update(g, state)
@@ -135,7 +135,9 @@ def test_split_clip_conserves_gradient_mass_over_1000_steps():
 def test_split_clip_conserves_mass_for_bf16_gradients():
     rng = np.random.default_rng(1)
     grads = [jnp.asarray(rng.normal(size=6) * 5, jnp.bfloat16) for _ in range(50)]
-    outputs, state = run_steps(gs.split_clip(gs.clip_by_value(1.0), max_residual_ratio=None), grads)
+    outputs, state = run_steps(
+        gs.split_clip(gs.clip_by_value(1.0), max_residual_ratio=None, explosion_ratio=None), grads
+    )
     assert all(u.dtype == jnp.bfloat16 for u in outputs)
     total = sum(np.asarray(u, np.float64) for u in outputs) + np.asarray(state.residual)
     expected = sum(np.asarray(g, np.float64) for g in grads)
@@ -147,7 +149,11 @@ def test_split_clip_matches_numpy_uclip_with_value_clipping(decay):
     rng = np.random.default_rng(2)
     grads = [jnp.asarray(rng.normal(size=5) * 2, jnp.float32) for _ in range(20)]
     tx = gs.split_clip(
-        gs.clip_by_value(1.0), residual_decay=decay, release="always", max_residual_ratio=None
+        gs.clip_by_value(1.0),
+        residual_decay=decay,
+        release="always",
+        max_residual_ratio=None,
+        explosion_ratio=None,
     )
     outputs, state = run_steps(tx, grads)
     expected, residual = numpy_uclip(grads, lambda v: np.clip(v, -1, 1), decay)
@@ -158,7 +164,9 @@ def test_split_clip_matches_numpy_uclip_with_value_clipping(decay):
 
 def test_split_clip_matches_numpy_uclip_with_global_norm_clipping():
     grads = random_grads(3, 15, {"w": (6,)}, scale=2.0, spikes=(4, 9))
-    outputs, _ = run_steps(gs.split_clip(release="always", max_residual_ratio=None), grads)
+    outputs, _ = run_steps(
+        gs.split_clip(release="always", max_residual_ratio=None, explosion_ratio=None), grads
+    )
 
     def clip(v):
         norm = np.linalg.norm(v)
@@ -191,7 +199,7 @@ def test_split_clip_residual_cap_bounds_the_residual():
 
 def test_split_clip_delays_a_spike_instead_of_dropping_it():
     grads = [jnp.array([10.0])] + [jnp.array([0.0])] * 12
-    tx = gs.split_clip(max_residual_ratio=None, clip_rate_decay=None)
+    tx = gs.split_clip(max_residual_ratio=None, explosion_ratio=None, clip_rate_decay=None)
     outputs, state = run_steps(tx, grads)
     applied = [float(u[0]) for u in outputs]
     assert applied[:10] == [1.0] * 10 and applied[10:] == [0.0] * 3
@@ -199,7 +207,9 @@ def test_split_clip_delays_a_spike_instead_of_dropping_it():
 
 
 def test_split_clip_keeps_residual_on_nonfinite_gradient():
-    tx = gs.split_clip(gs.clip_by_value(1.0), max_residual_ratio=1.0, clip_rate_decay=None)
+    tx = gs.split_clip(
+        gs.clip_by_value(1.0), max_residual_ratio=1.0, clip_rate_decay=None, explosion_ratio=None
+    )
     state = tx.init(jnp.zeros(2))
     _, state = tx.update(jnp.array([3.0, 0.0]), state)
     before = np.asarray(state.residual)
@@ -215,7 +225,7 @@ def test_split_clip_keeps_residual_on_nonfinite_gradient():
 def test_split_clip_passes_params_and_extra_args_to_the_clipper():
     params = {"w": jnp.ones(4)}
     grads = {"w": jnp.full(4, 10.0)}
-    tx = gs.split_clip(gs.adaptive_grad_clip(0.1), max_residual_ratio=None)
+    tx = gs.split_clip(gs.adaptive_grad_clip(0.1), max_residual_ratio=None, explosion_ratio=None)
     updates, state = tx.update(grads, tx.init(params), params)
     np.testing.assert_allclose(updates["w"], np.full(4, 0.1), rtol=1e-6)
     np.testing.assert_allclose(state.residual["w"], np.full(4, 9.9), rtol=1e-6)
@@ -228,7 +238,7 @@ def test_split_clip_passes_params_and_extra_args_to_the_clipper():
 
 def test_split_clip_default_clipper_and_metrics():
     grads = {"w": jnp.array([3.0, 4.0])}
-    _, state = run_steps(gs.split_clip(max_residual_ratio=None), [grads])
+    _, state = run_steps(gs.split_clip(max_residual_ratio=None, explosion_ratio=None), [grads])
     stats = gs.metrics(state)
     assert float(stats["clip_by_global_norm/threshold"]) == 1.0
     assert float(stats["split_clip/norm"]) == 5.0
@@ -240,7 +250,12 @@ def test_split_clip_default_clipper_and_metrics():
 @jax.jit
 def uclip_trajectory(grads, threshold):
     """U-Clip (``release="always"``, no cap) with clip_by_global_norm(threshold)."""
-    tx = gs.split_clip(gs.clip_by_global_norm(threshold), release="always", max_residual_ratio=None)
+    tx = gs.split_clip(
+        gs.clip_by_global_norm(threshold),
+        release="always",
+        max_residual_ratio=None,
+        explosion_ratio=None,
+    )
 
     def body(state, g):
         updates, state = tx.update(g, state)
