@@ -173,8 +173,9 @@ def split_clip(
       U-Clip's analysis needs a threshold above the gradients' typical norm, and a clip that
       acts on most steps (a learning rate too large for the task) means it is not; releasing
       the residual there lengthens the steps exactly where they are already too long.
-    * ``release="always"``: U-Clip as published, :math:`u_t = C(v_t)`: the residual re-enters
-      at every step, also when the gradient is already at the bound.
+    * ``release="always"``: U-Clip's rule, :math:`u_t = C(v_t)` (as published with
+      ``max_residual_ratio=None, explosion_ratio=None``): the residual re-enters at every step,
+      also when the gradient is already at the bound.
 
     A step where :math:`C` shrank the gradient it saw by more than :math:`e` =
     ``explosion_ratio`` (:math:`\\|C(x)\\| < \\|x\\| / e`) is an explosion, not a sample from
@@ -182,13 +183,16 @@ def split_clip(
     the residual built on the way up is dropped (:math:`r_t = 0`) and :math:`\\rho_t` is set
     to 1 (with ``clip_rate_decay``), so the release is held back as after a run of clipped
     steps and comes back only as the clipper falls idle. Carrying an explosion's excess
-    replays it: EXPLOSION_NUMBERS
+    replays it: on the IRNN adding task with 18 seeds per learning rate
+    (``benchmarks/results/split_clip_variants/adding_irnn_18_seeds/``) the plain clip
+    diverged in 5 of 126 runs, carrying every excess in 9, and this rule in 7; at the largest
+    learning rate the median final loss was 0.32, 0.98 and 0.58.
 
     In both, :math:`r_t = v_t - u_t` (0 after an explosion), then scaled down to the cap
     :math:`\\min(k\\,b_t, R)` with :math:`k` = ``max_residual_ratio`` and :math:`R` =
-    ``max_residual_norm`` (either None: no such cap). With :math:`\\gamma = 1` and no cap
-    nothing is lost: :math:`\\sum_{i \\le t} u_i + r_t = \\sum_{i \\le t} g_i`. The caps and the
-    decay drop mass on purpose: without them a long run of gradients above the threshold
+    ``max_residual_norm`` (either None: no such cap). With :math:`\\gamma = 1`, no cap and
+    ``explosion_ratio=None`` nothing is lost: :math:`\\sum_{i \\le t} u_i + r_t = \\sum_{i \\le t}
+    g_i`. The caps, the explosion rule and the decay drop mass on purpose: without them a long run of gradients above the threshold
     builds a residual that grows without bound (U-Clip's guarantee assumes the threshold is
     above the gradients' typical norm) and comes back as a long push in an old direction.
     The default cap keeps at most a quarter of a bound, chosen among the variants measured by
