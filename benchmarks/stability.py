@@ -878,13 +878,16 @@ def run_variants(
     tasks: Sequence[str],
     out: Path,
     seeds: int = SEEDS,
+    lrs: Sequence[float] = (),
 ) -> int:
     """Train ``tasks`` with the methods ``variants`` (name -> builder) and write the suite's
     report to ``out``: the command line of the scripts that compare settings of one method
-    (``--tasks``, ``--seeds``, ``--variants``, ``--out``)."""
+    (``--tasks``, ``--seeds``, ``--lrs``, ``--variants``, ``--out``); ``lrs``: only these
+    learning rates of each grid (default: all)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--tasks", nargs="*", default=list(tasks), help="only these tasks")
     parser.add_argument("--seeds", type=int, default=seeds, help=f"seeds per LR (default {seeds})")
+    parser.add_argument("--lrs", nargs="*", type=float, default=list(lrs), help="only these LRs")
     parser.add_argument("--variants", nargs="*", default=list(variants), help="only these")
     parser.add_argument("--out", default=str(out))
     args = parser.parse_args(argv)
@@ -893,10 +896,10 @@ def run_variants(
         parser.error(f"unknown variants {sorted(unknown)}; known: {list(variants)}")
     for name in args.variants:
         METHODS[name] = variants[name]
-    seeds_arg = ["--seeds", str(args.seeds)]
-    return main(
-        [*seeds_arg, "--out", args.out, "--tasks", *args.tasks, "--methods", *args.variants]
-    )
+    forwarded = ["--seeds", str(args.seeds), "--out", args.out, "--tasks", *args.tasks]
+    if args.lrs:
+        forwarded += ["--lrs", *map(str, args.lrs)]
+    return main([*forwarded, "--methods", *args.variants])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -908,6 +911,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--tasks", nargs="*", default=None, help="only these tasks")
     parser.add_argument("--methods", nargs="*", default=None, help="only these methods")
+    parser.add_argument(
+        "--lrs", nargs="*", type=float, default=None, help="only these LRs of each task's grid"
+    )
     parser.add_argument(
         "--merge",
         action="store_true",
@@ -927,6 +933,13 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown tasks {sorted(unknown)}; known: {[t.name for t in tasks]}")
         tasks = [t for t in tasks if t.name in args.tasks]
+    if args.lrs:
+        if args.merge:
+            parser.error("--merge needs each task's whole grid: leave out --lrs")
+        tasks = [replace(t, lrs=tuple(lr for lr in t.lrs if lr in args.lrs)) for t in tasks]
+        empty = [t.name for t in tasks if not t.lrs]
+        if empty:
+            parser.error(f"none of --lrs {args.lrs} is in the grid of {empty}")
     methods = args.methods or list(QUICK_METHODS if args.quick else METHODS)
     unknown = set(methods) - set(METHODS)
     if unknown:

@@ -1,6 +1,7 @@
 """The scripts that compare settings of one method on the stability suite's tasks
-(benchmarks/split_clip_variants.py, benchmarks/skip_on_spike_bounds.py): their variants build,
-bad names are rejected, and a small run reports every variant asked for."""
+(benchmarks/split_clip_variants.py, benchmarks/skip_on_spike_bounds.py,
+benchmarks/rounding_noise.py): their variants build, bad names are rejected, and a small run
+reports every variant asked for, at the learning rates asked for."""
 
 import json
 import math
@@ -14,7 +15,8 @@ from scripts import load_script
 ROOT = Path(__file__).resolve().parents[1]
 split_clip = load_script(ROOT / "benchmarks" / "split_clip_variants.py", "split_clip_variants")
 skip_bounds = load_script(ROOT / "benchmarks" / "skip_on_spike_bounds.py", "skip_on_spike_bounds")
-SCRIPTS = {"split_clip_variants": split_clip, "skip_on_spike_bounds": skip_bounds}
+noise = load_script(ROOT / "benchmarks" / "rounding_noise.py", "rounding_noise")
+SCRIPTS = {"split_clip_variants": split_clip, "skip_on_spike_bounds": skip_bounds, "noise": noise}
 
 
 def test_every_split_clip_variant_builds_and_clips():
@@ -34,6 +36,38 @@ def test_every_skip_on_spike_bound_builds_and_takes_a_step():
         assert jnp.allclose(updates["w"], -0.1), name
 
 
+def test_the_rounding_twins_take_the_same_step_as_their_method():
+    params = {"w": jnp.ones(3, jnp.float32)}
+    grads = {"w": jnp.array([3.0, -4.0, 0.0], jnp.float32)}  # norm 5: every clip acts
+    twins = [
+        ("none", "skip_on_spike(sigma=1e9) (never refuses)"),
+        ("gs.clip_by_global_norm(1.0)", "optax.clip_by_global_norm(1.0)"),
+        ("gs.clip_by_global_norm(1.0)", "split_clip(max_residual_ratio=0.0) (carries nothing)"),
+    ]
+    for method, twin in twins:
+        steps = []
+        for name in (method, twin):
+            tx = optax.with_extra_args_support(noise.VARIANTS[name](optax.sgd(0.1), 10))
+            state = tx.init(params)
+            for _ in range(3):  # the residual-free twin carries nothing into later steps
+                updates, state = tx.update(grads, state, params, value=jnp.array(1.0))
+            steps.append(updates["w"])
+        assert jnp.allclose(*steps, rtol=1e-6), (method, twin)
+
+
+def test_lrs_keeps_only_those_learning_rates_and_refuses_merge(tmp_path, capsys):
+    argv = ["--tasks", "deep_mlp", "--seeds", "1", "--variants", "none", "--out", str(tmp_path)]
+    assert noise.main([*argv, "--lrs", "0.1", "7.0"]) == 0
+    report = json.loads((tmp_path / "stability.json").read_text())
+    assert report["tasks"]["deep_mlp"]["lrs"] == [0.1]
+    with pytest.raises(SystemExit):
+        noise.main([*argv, "--lrs", "7.0"])
+    assert "7.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        noise.stability.main(["--tasks", "deep_mlp", "--lrs", "0.1", "--merge"])
+    assert "--merge" in capsys.readouterr().err
+
+
 def test_skip_on_spike_bounds_cover_every_task_of_the_suite():
     tasks = skip_bounds.stability.build_tasks(quick=True)
     assert list(skip_bounds.TASKS) == [task.name for task in tasks]
@@ -50,11 +84,13 @@ def test_unknown_variant_is_rejected(script, capsys):
 def test_a_small_run_reports_every_variant_asked_for(script, tmp_path):
     names = list(SCRIPTS[script].VARIANTS)[:2]
     argv = ["--tasks", "deep_mlp", "--seeds", "1", "--variants", *names, "--out", str(tmp_path)]
-    assert SCRIPTS[script].main(argv) == 0
+    # the two smallest learning rates of the grid, where no method diverges
+    assert SCRIPTS[script].main([*argv, "--lrs", "0.01", "0.03"]) == 0
     report = json.loads((tmp_path / "stability.json").read_text())
     assert report["seeds"] == 1 and list(report["tasks"]) == ["deep_mlp"]
     entries = report["tasks"]["deep_mlp"]["methods"]
     assert set(entries) == set(names)
     lrs = report["tasks"]["deep_mlp"]["lrs"]
+    assert lrs == [0.01, 0.03]
     assert all(entries[n]["runs"] == len(lrs) for n in names)  # one seed at every LR
     assert all(math.isfinite(float(entries[n]["best_lr_median_final_loss"])) for n in names)

@@ -1,0 +1,66 @@
+"""How far the divergence counts move when only the rounding changes: the noise floor.
+
+At the largest learning rates of ``benchmarks/stability.py`` a run is chaotic: the smallest
+change to the arithmetic sends it elsewhere, and whether it ends above its initial loss is a
+coin flip. This script puts a number on that. Next to each method it trains a twin that takes
+the same decisions but is compiled differently:
+
+* ``skip_on_spike(sigma=1e9)`` never refuses a finite step: the same updates as no guard, with
+  the guard's program around them;
+* ``split_clip(max_residual_ratio=0.0)`` carries nothing: the plain clip's updates, inside
+  ``split_clip``'s program;
+* ``optax.clip_by_global_norm(1.0)``: the same clip as ``gs.clip_by_global_norm(1.0)``, summed
+  in another order.
+
+The tasks that diverge at all (the two adding problems and the Transformer), at their two
+largest learning rates, with 24 seeds per learning rate::
+
+    python benchmarks/rounding_noise.py            # ~10 minutes on 2 CPU cores
+    python benchmarks/rounding_noise.py --tasks transformer --lrs 1.0 --seeds 6
+
+A method differs from its twin by more than rounding only where its counts leave the spread
+of the twins. Results: ``benchmarks/results/rounding_noise/`` (as the suite writes them).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import gradsafe as gs
+
+# The scripts run as files and are loaded by path in the tests.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import stability
+
+# name -> builder of the method around each task's optimizer; twins next to each other
+VARIANTS: dict[str, stability.Builder] = {
+    "none": stability.METHODS["none"],
+    "skip_on_spike(sigma=1e9) (never refuses)": lambda opt, steps: gs.skip_on_spike(opt, sigma=1e9),
+    "gs.skip_on_spike(opt)": stability.METHODS["gs.skip_on_spike(opt)"],
+    "gs.clip_by_global_norm(1.0)": stability.METHODS["gs.clip_by_global_norm(1.0)"],
+    "optax.clip_by_global_norm(1.0)": stability.METHODS["optax.clip_by_global_norm(1.0)"],
+    "split_clip(max_residual_ratio=0.0) (carries nothing)": stability._before(
+        lambda: gs.split_clip(max_residual_ratio=0.0)
+    ),
+    "gs.split_clip()": stability.METHODS["gs.split_clip()"],
+}
+TASKS = ("adding_rnn", "adding_irnn", "transformer")
+LRS = (0.3, 1.0)
+SEEDS = 24
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stability.run_variants(
+        VARIANTS,
+        sys.argv[1:] if argv is None else argv,
+        description=__doc__.split("\n")[0],
+        tasks=TASKS,
+        out=Path(__file__).resolve().parent / "results" / "rounding_noise",
+        seeds=SEEDS,
+        lrs=LRS,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
