@@ -9,17 +9,21 @@ the same decisions but is compiled differently:
   the guard's program around them;
 * ``split_clip(max_residual_ratio=0.0)`` carries nothing: the plain clip's updates, inside
   ``split_clip``'s program;
-* ``optax.clip_by_global_norm(1.0)``: the same clip as ``gs.clip_by_global_norm(1.0)``, summed
-  in another order.
 
-The tasks that diverge at all (the two adding problems and the Transformer), at their two
-largest learning rates, with 24 seeds per learning rate::
+and, for comparison, ``optax.clip_by_global_norm(1.0)``: the same clip as
+``gs.clip_by_global_norm(1.0)`` summed in another order, but not a twin on a finite
+gradient whose sum of squares overflows float32, which gradsafe's clip still bounds and
+Optax's does not.
+
+The three tasks where the clipping methods still diverge (the two adding problems and the
+Transformer), at their two largest learning rates, with 24 seeds per learning rate::
 
     python benchmarks/rounding_noise.py            # ~10 minutes on 2 CPU cores
     python benchmarks/rounding_noise.py --tasks transformer --lrs 1.0 --seeds 6
 
-A method differs from its twin by more than rounding only where its counts leave the spread
-of the twins. Results: ``benchmarks/results/rounding_noise/`` (as the suite writes them).
+A count tells a method apart from rounding noise only where it differs from its twin's by
+more than the twin's differs from the method it copies. Results:
+``benchmarks/results/rounding_noise/`` (as the suite writes them).
 """
 
 from __future__ import annotations
