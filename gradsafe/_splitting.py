@@ -192,9 +192,10 @@ def split_clip(
     :math:`\\min(k\\,b_t, R)` with :math:`k` = ``max_residual_ratio`` and :math:`R` =
     ``max_residual_norm`` (either None: no such cap). With :math:`\\gamma = 1`, no cap and
     ``explosion_ratio=None`` nothing is lost: :math:`\\sum_{i \\le t} u_i + r_t = \\sum_{i \\le t}
-    g_i`. The caps, the explosion rule and the decay drop mass on purpose: without them a long run of gradients above the threshold
-    builds a residual that grows without bound (U-Clip's guarantee assumes the threshold is
-    above the gradients' typical norm) and comes back as a long push in an old direction.
+    g_i`. The caps, the explosion rule and the decay drop mass on purpose: without them a long
+    run of gradients above the threshold builds a residual that grows without bound (U-Clip's
+    guarantee assumes the threshold is above the gradients' typical norm) and comes back as a
+    long push in an old direction.
     The default cap keeps at most a quarter of a bound, chosen among the variants measured by
     ``benchmarks/split_clip_variants.py`` (a whole bound's worth, the previous default, lost
     the plain clip's largest stable learning rate on the IRNN adding task).
