@@ -55,11 +55,9 @@ def test_the_rounding_twins_take_the_same_step_as_their_method():
         assert jnp.allclose(*steps, rtol=1e-6), (method, twin)
 
 
-def test_lrs_keeps_only_those_learning_rates_and_refuses_merge(tmp_path, capsys):
+def test_lrs_outside_the_grid_and_lrs_with_merge_are_refused(tmp_path, capsys):
+    # (the slow small run below checks that --lrs keeps only the learning rates asked for)
     argv = ["--tasks", "deep_mlp", "--seeds", "1", "--variants", "none", "--out", str(tmp_path)]
-    assert noise.main([*argv, "--lrs", "0.1", "7.0"]) == 0
-    report = json.loads((tmp_path / "stability.json").read_text())
-    assert report["tasks"]["deep_mlp"]["lrs"] == [0.1]
     with pytest.raises(SystemExit):
         noise.main([*argv, "--lrs", "7.0"])
     assert "7.0" in capsys.readouterr().err
