@@ -143,7 +143,12 @@ def test_room_release_pays_the_residual_back_on_quiet_steps():
     st.sampled_from(["room", "always"]),
 )
 def test_property_update_within_bound_and_mass_conserved_without_caps(grads, threshold, release):
-    tx = gs.split_clip(gs.clip_by_global_norm(threshold), release=release, max_residual_ratio=None)
+    tx = gs.split_clip(
+        gs.clip_by_global_norm(threshold),
+        release=release,
+        max_residual_ratio=None,
+        explosion_ratio=None,
+    )
 
     @jax.jit
     def trajectory(grads):

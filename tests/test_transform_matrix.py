@@ -209,10 +209,12 @@ MATRIX: dict[str, Entry] = {
             "max_residual_ratio": 2.0,
             "max_residual_norm": 5.0,
             "clip_rate_decay": 0.9,
+            "explosion_ratio": 4.0,
         },
         bad={
             "residual_decay": [-0.1, 1.5, NAN],
             "clip_rate_decay": BELOW_ONE,
+            "explosion_ratio": [0.5, NAN, INF],
             "max_residual_ratio": NEGATIVE,
             "max_residual_norm": NEGATIVE,
             "clipper": ["clip"],
