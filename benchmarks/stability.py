@@ -46,6 +46,7 @@ Run::
     python benchmarks/stability.py --quick --out /tmp/s   # reduced grid and methods, < 2 min
     python benchmarks/stability.py --tasks deep_mlp --methods none "gs.stabilize(opt)"
     python benchmarks/stability.py --methods "gs.split_clip()" --merge   # rerun one method
+    python benchmarks/stability.py --tasks transformer --lrs 1.0 --seeds 24   # one LR
 
 ``--merge`` keeps the entries of the existing ``stability.json`` in ``--out`` that this run does
 not produce (same grid and seeds; each entry records the date of its run, and the markdown

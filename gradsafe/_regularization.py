@@ -29,7 +29,6 @@ function as a schedule.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -104,16 +103,25 @@ def _check_bool(name: str, value: Any) -> None:
 
 
 def _resolver(
-    hyperparams: tuple[ScalarOrSchedule | None, ...], count: jax.Array
+    hyperparams: tuple[ScalarOrSchedule | None, ...],
+    count: jax.Array,
+    post: Callable[[jax.Array], jax.Array] | None = None,
 ) -> Callable[[Any], list[Any]]:
     """``dtype -> hyperparameter values at step count in dtype`` (float64 leaves under x64 get
-    float64 values, not float32 ones cast up); each dtype is resolved once."""
+    float64 values, not float32 ones cast up), each passed through ``post`` if given (e.g. a
+    clamp of traced values); each dtype is resolved once."""
     cache: dict[Any, list[jax.Array | None]] = {}
+
+    def value(h: ScalarOrSchedule | None, dtype: Any) -> jax.Array | None:
+        if h is None:
+            return None
+        resolved = resolve(h, count, dtype)
+        return resolved if post is None else post(resolved)
 
     def values_in(dtype: Any) -> list[jax.Array | None]:
         key = jnp.dtype(dtype)
         if key not in cache:
-            cache[key] = [None if h is None else resolve(h, count, key) for h in hyperparams]
+            cache[key] = [value(h, key) for h in hyperparams]
         return cache[key]
 
     return values_in
@@ -695,9 +703,8 @@ def clip_update_relative(
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         require_params(params)
-        resolved = _resolver((relative, absolute), state.count)
         # traced values out of range must not amplify: clamped once per dtype, not per leaf
-        values_in = functools.cache(lambda dtype: [nonnegative(v) for v in resolved(dtype)])
+        values_in = _resolver((relative, absolute), state.count, post=nonnegative)
         scales: list[jax.Array] = []
 
         def clip_leaf(u: jax.Array, w: jax.Array) -> jax.Array:

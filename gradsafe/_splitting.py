@@ -828,25 +828,24 @@ def accumulate(
 
         inner_update, shapes = trace_once(inner_update, emit)
 
-        def step(grads: Any, inner_state: Any) -> Any:
-            del grads
+        def step() -> Any:
             new_updates, new_state = inner_update()
             # Keep the state's dtypes (and weak types) fixed so both branches agree.
             new_state = jax.tree.map(
                 lambda new, old: jax.lax.convert_element_type(new, jnp.result_type(old)),
                 new_state,
-                inner_state,
+                state.inner_state,
             )
             return new_updates, new_state
 
-        def wait(grads: Any, inner_state: Any) -> Any:
+        def wait() -> Any:
             zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes()[0])
-            if jax.tree.structure(zeros) == jax.tree.structure(grads):
+            if jax.tree.structure(zeros) == jax.tree.structure(mean):
                 # Integer, bool and float0 leaves pass through, as on the emitting calls.
-                zeros = jax.tree.map(_keep_non_float, zeros, grads)
-            return zeros, inner_state
+                zeros = jax.tree.map(_keep_non_float, zeros, mean)
+            return zeros, state.inner_state
 
-        new_updates, inner_state = cond(emit, step, wait, mean, state.inner_state)
+        new_updates, inner_state = cond(emit, step, wait)
         acc = jax.tree.map(lambda a: jnp.where(emit, jnp.zeros_like(a), a), acc)
         new_state = AccumulateState(
             mini_step=safe_increment(state.mini_step) % k,
