@@ -97,6 +97,27 @@ def test_tasks_draw_a_batch_per_step_and_a_fixed_held_out_batch(task):
         np.array_equal(a, b)
         for a, b in zip(jax.tree.leaves((params, train)), jax.tree.leaves(again[:2]), strict=True)
     )
+    # --first-seed draws later seeds: seed 1 of the suite is the first of first_seed=1
+    later = stability.draw(task, seeds=1, first_seed=1)
+    for whole, one in zip(
+        jax.tree.leaves((params, train)), jax.tree.leaves(later[:2]), strict=True
+    ):
+        assert np.array_equal(whole[1:], one)
+
+
+def test_first_seed_is_reported_checked_and_kept_apart_by_merge(capsys):
+    report = {"quick": False, "seeds": 12, "first_seed": 1000, "date": "d", "platform": "p"}
+    report |= {"cpu_count": 2, "jax": "j", "optax": "o", "methods": [], "tasks": {}}
+    assert "12 seeds per learning rate (seeds 1000-1011)." in stability.markdown(report)
+    suite = {**report, "first_seed": 0}
+    assert "12 seeds per learning rate." in stability.markdown(suite)
+    with pytest.raises(ValueError, match="first_seed"):
+        stability.merge(suite, report)
+    before = {k: v for k, v in suite.items() if k != "first_seed"}  # a report from before
+    assert stability.merge(before, suite)["first_seed"] == 0
+    with pytest.raises(SystemExit):
+        stability.main(["--first-seed", "-1", "--tasks", "deep_mlp"])
+    assert "--first-seed must be >= 0" in capsys.readouterr().err
 
 
 def _entry(final, initial, date):
