@@ -31,23 +31,22 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import gradsafe as gs
-
 # The scripts run as files and are loaded by path in the tests.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import stability
 
-# name -> builder of the method around each task's optimizer; twins next to each other
+# the suite's methods, each next to its twin (stability.CONTROLS), and Optax's clip
 VARIANTS: dict[str, stability.Builder] = {
-    "none": stability.METHODS["none"],
-    "skip_on_spike(sigma=1e9) (never refuses)": lambda opt, steps: gs.skip_on_spike(opt, sigma=1e9),
-    "gs.skip_on_spike(opt)": stability.METHODS["gs.skip_on_spike(opt)"],
-    "gs.clip_by_global_norm(1.0)": stability.METHODS["gs.clip_by_global_norm(1.0)"],
-    "optax.clip_by_global_norm(1.0)": stability.METHODS["optax.clip_by_global_norm(1.0)"],
-    "split_clip(max_residual_ratio=0.0) (carries nothing)": stability._before(
-        lambda: gs.split_clip(max_residual_ratio=0.0)
-    ),
-    "gs.split_clip()": stability.METHODS["gs.split_clip()"],
+    name: stability.METHODS[name]
+    for name in (
+        "none",
+        "skip_on_spike(sigma=1e9) (never refuses)",
+        "gs.skip_on_spike(opt)",
+        "gs.clip_by_global_norm(1.0)",
+        "optax.clip_by_global_norm(1.0)",
+        "split_clip(max_residual_ratio=0.0) (carries nothing)",
+        "gs.split_clip()",
+    )
 }
 TASKS = ("adding_rnn", "adding_irnn", "transformer")
 LRS = (0.3, 1.0)

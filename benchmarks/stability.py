@@ -53,7 +53,10 @@ Run::
 not produce (same grid and seeds; each entry records the date of its run, and the markdown
 lists them): use it only for methods whose code, and tasks whose definition, did not change.
 
-To add a method, add one line to ``METHODS``.
+To add a method, add one line to ``METHODS``. Two of its rows are controls (``CONTROLS``): a
+``split_clip`` that carries nothing and a ``skip_on_spike`` that never refuses take the steps
+of the plain clip and of the bare optimizer in another compiled program, so the distance
+between a control's counts and its original's shows how far rounding alone moves them.
 """
 
 from __future__ import annotations
@@ -103,7 +106,11 @@ METHODS: dict[str, Builder] = {
     "gs.autoclip()": _before(lambda: gs.autoclip()),
     "gs.adagc()": _before(lambda: gs.adagc()),
     "gs.split_clip()": _before(lambda: gs.split_clip()),
+    "split_clip(max_residual_ratio=0.0) (carries nothing)": _before(
+        lambda: gs.split_clip(max_residual_ratio=0.0)
+    ),
     "gs.skip_on_spike(opt)": lambda opt, steps: gs.skip_on_spike(opt),
+    "skip_on_spike(sigma=1e9) (never refuses)": lambda opt, steps: gs.skip_on_spike(opt, sigma=1e9),
     "gs.stabilize(opt)": lambda opt, steps: gs.stabilize(opt),
     # Gradient decay: the gradient scaled by a cosine from 1 to 0.1 over the run, before the
     # optimizer (for SGD an LR decay; Adam and AdamW divide most of it out again).
@@ -114,6 +121,14 @@ METHODS: dict[str, Builder] = {
     "gs.cooldown_on_spike() after opt": lambda opt, steps: optax.chain(opt, gs.cooldown_on_spike()),
 }
 STABILIZE = "gs.stabilize(opt)"
+# Rounding twins (control -> the method whose steps it takes): a split_clip that carries
+# nothing applies the plain clip's updates and a skip_on_spike that never refuses a finite
+# step applies the bare optimizer's, each compiled inside another program. How far a twin's
+# counts land from its method's is what rounding alone does to a chaotic run.
+CONTROLS = {
+    "split_clip(max_residual_ratio=0.0) (carries nothing)": "gs.clip_by_global_norm(1.0)",
+    "skip_on_spike(sigma=1e9) (never refuses)": "none",
+}
 # seeds per learning rate of a full run (see the module notes)
 SEEDS = 6
 # --quick trains these only (compilation dominates a small run); the tests build every method.
@@ -803,6 +818,16 @@ def markdown(report: dict[str, Any]) -> str:
             cells.append(f"**{text}**" if entry["stable_lr_points"] == widest else text)
         lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
     lines += ["", "Bold: widest (or tied-widest) stable range on that task.", ""]
+    twins = [(control, CONTROLS[control]) for control in methods if control in CONTROLS]
+    if twins:
+        lines += [
+            "Controls: "
+            + "; ".join(f"`{control}` takes the steps of `{of}`" for control, of in twins)
+            + ", compiled inside another program. Where a control's counts differ from those "
+            "of the method it copies, that difference is what rounding alone does to a chaotic "
+            "run: a difference between two methods no larger than that is not evidence.",
+            "",
+        ]
     for task_name, task in tasks.items():
         lines += [
             f"## `{task_name}`",

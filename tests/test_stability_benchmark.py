@@ -156,3 +156,14 @@ def test_merge_keeps_the_runs_not_repeated_and_fills_the_blowup_criterion():
     moved = {**new, "tasks": {"t": {**new["tasks"]["t"], "lrs": [0.2, 1.0]}}}
     with pytest.raises(ValueError, match="grid"):
         stability.merge(old, moved)
+
+
+def test_controls_are_methods_named_with_what_they_copy():
+    for control, original in stability.CONTROLS.items():
+        assert control in stability.METHODS and original in stability.METHODS
+    report = {"quick": False, "seeds": 6, "date": "d", "platform": "p", "cpu_count": 2}
+    report |= {"jax": "j", "optax": "o", "tasks": {}}
+    control = "skip_on_spike(sigma=1e9) (never refuses)"
+    text = stability.markdown({**report, "methods": ["none", control]})
+    assert f"Controls: `{control}` takes the steps of `none`" in text
+    assert "Controls:" not in stability.markdown({**report, "methods": ["none"]})

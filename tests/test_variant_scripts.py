@@ -39,11 +39,10 @@ def test_every_skip_on_spike_bound_builds_and_takes_a_step():
 def test_the_rounding_twins_take_the_same_step_as_their_method():
     params = {"w": jnp.ones(3, jnp.float32)}
     grads = {"w": jnp.array([3.0, -4.0, 0.0], jnp.float32)}  # norm 5: every clip acts
-    twins = [
-        ("none", "skip_on_spike(sigma=1e9) (never refuses)"),
-        ("gs.clip_by_global_norm(1.0)", "optax.clip_by_global_norm(1.0)"),
-        ("gs.clip_by_global_norm(1.0)", "split_clip(max_residual_ratio=0.0) (carries nothing)"),
-    ]
+    # the suite's controls, and Optax's clip (a twin on gradients whose squares do not overflow)
+    twins = [(method, control) for control, method in noise.stability.CONTROLS.items()]
+    assert len(twins) == 2 and all(name in noise.VARIANTS for pair in twins for name in pair)
+    twins.append(("gs.clip_by_global_norm(1.0)", "optax.clip_by_global_norm(1.0)"))
     for method, twin in twins:
         steps = []
         for name in (method, twin):
