@@ -918,7 +918,6 @@ def run_variants(
     out: Path,
     seeds: int = SEEDS,
     lrs: Sequence[float] = (),
-    first_seed: int = 0,
 ) -> int:
     """Train ``tasks`` with the methods ``variants`` (name -> builder) and write the suite's
     report to ``out``: the command line of the scripts that compare settings of one method
@@ -927,7 +926,7 @@ def run_variants(
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--tasks", nargs="*", default=list(tasks), help="only these tasks")
     parser.add_argument("--seeds", type=int, default=seeds, help=f"seeds per LR (default {seeds})")
-    parser.add_argument("--first-seed", type=int, default=first_seed, help=_FIRST_SEED_HELP)
+    parser.add_argument("--first-seed", type=int, default=0, help=_FIRST_SEED_HELP)
     parser.add_argument("--lrs", nargs="*", type=float, default=list(lrs), help="only these LRs")
     parser.add_argument("--variants", nargs="*", default=list(variants), help="only these")
     parser.add_argument("--out", default=str(out))

@@ -82,9 +82,10 @@ def test_a_small_run_reports_every_variant_asked_for(script, tmp_path):
     names = list(SCRIPTS[script].VARIANTS)[:2]
     argv = ["--tasks", "deep_mlp", "--seeds", "1", "--variants", *names, "--out", str(tmp_path)]
     # the two smallest learning rates of the grid, where no method diverges
-    assert SCRIPTS[script].main([*argv, "--lrs", "0.01", "0.03"]) == 0
+    assert SCRIPTS[script].main([*argv, "--lrs", "0.01", "0.03", "--first-seed", "7"]) == 0
     report = json.loads((tmp_path / "stability.json").read_text())
     assert report["seeds"] == 1 and list(report["tasks"]) == ["deep_mlp"]
+    assert report["first_seed"] == 7
     entries = report["tasks"]["deep_mlp"]["methods"]
     assert set(entries) == set(names)
     lrs = report["tasks"]["deep_mlp"]["lrs"]
