@@ -49,7 +49,7 @@ TASKS = (
 def main(argv: list[str] | None = None) -> int:
     return stability.run_variants(
         VARIANTS,
-        sys.argv[1:] if argv is None else argv,
+        argv,
         description=__doc__.split("\n")[0],
         tasks=TASKS,
         out=Path(__file__).resolve().parent / "results" / "skip_on_spike_bounds",

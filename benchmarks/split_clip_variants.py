@@ -57,7 +57,7 @@ TASKS = ("adding_rnn", "adding_irnn", "transformer", "spiky_regression", "deep_m
 def main(argv: list[str] | None = None) -> int:
     return stability.run_variants(
         {name: stability._before(make) for name, make in VARIANTS.items()},
-        sys.argv[1:] if argv is None else argv,
+        argv,
         description=__doc__.split("\n")[0],
         tasks=TASKS,
         out=Path(__file__).resolve().parent / "results" / "split_clip_variants",

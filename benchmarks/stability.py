@@ -42,7 +42,7 @@ LR, log axes, one line per method) in ``--out`` (default ``benchmarks/results``)
 
 Run::
 
-    python benchmarks/stability.py                        # full grid (about 25 min, 2 cores)
+    python benchmarks/stability.py                        # full grid (about 30 min, 2 cores)
     python benchmarks/stability.py --quick --out /tmp/s   # reduced grid and methods, < 2 min
     python benchmarks/stability.py --tasks deep_mlp --methods none "gs.stabilize(opt)"
     python benchmarks/stability.py --methods "gs.split_clip()" --merge   # rerun one method
@@ -911,7 +911,7 @@ _FIRST_SEED_HELP = "draw seeds first_seed, first_seed + 1, ... (default 0: the s
 
 def run_variants(
     variants: dict[str, Builder],
-    argv: list[str],
+    argv: list[str] | None,
     *,
     description: str,
     tasks: Sequence[str],
@@ -922,7 +922,8 @@ def run_variants(
     """Train ``tasks`` with the methods ``variants`` (name -> builder) and write the suite's
     report to ``out``: the command line of the scripts that compare settings of one method
     (``--tasks``, ``--seeds``, ``--first-seed``, ``--lrs``, ``--variants``, ``--out``);
-    ``lrs``: only these learning rates of each grid (default: all)."""
+    ``argv`` None reads ``sys.argv``; ``lrs``: only these learning rates of each grid
+    (default: all)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--tasks", nargs="*", default=list(tasks), help="only these tasks")
     parser.add_argument("--seeds", type=int, default=seeds, help=f"seeds per LR (default {seeds})")
